@@ -1,0 +1,274 @@
+"""Quantized linear layers (emulated NVFP4 and FP8) and the factory that builds every linear
+layer of the model.
+
+The modules use Transformer Engine's parameter names (`te.Linear`, `te.LayerNormLinear`,
+`te.LayerNormMLP`), so a checkpoint loads on either backend.
+
+GEMMs per TE's recipe table (NVFP4BlockScaling; Q = quantize, blocks of 16 along the last dim):
+    fprop  Y  = Q(X)                  @ Q(W, 16x16 tiles)^T
+    dgrad  dX = Q(dY, SR)             @ Q(W)            (the same 2D-quantized weight values)
+    wgrad  dW = Q(RHT(dY^T), SR)      @ Q(RHT(X^T))^T   (blocks along the token dim)
+Each GEMM multiplies exact operand values with fp32 accumulation, then applies TE's epilogue
+alpha = amax_a * amax_b / (6 * 6 * 448 * 448) (FP8: scale_inv_a * scale_inv_b) and the bias.
+"""
+from contextlib import contextmanager
+from fnmatch import fnmatch
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import (NVFP4_ALPHA_DENOM, FP8Recipe, NVFP4Recipe, NVFP4Tensor, quantize_fp8,
+                      quantize_nvfp4, random_hadamard_transform)
+from .guards import gemm_shape_error, rows_of
+
+Recipe = Union[NVFP4Recipe, FP8Recipe]
+_active_stats = None  # an FP4Stats while `collect_fp4_stats` is active (eager passes only)
+
+
+def _operand(recipe: Recipe, role: str, t: torch.Tensor, name: str):
+    """Quantize one GEMM operand. role: x / w / dy (rowwise copies) or xt / dyt / wt (the
+    transposed copies of the wgrad and 1D-weight dgrad GEMMs). Returns (values, factor)."""
+    if isinstance(recipe, FP8Recipe):
+        q = quantize_fp8(t, torch.float8_e5m2 if role == "dy" else torch.float8_e4m3fn)
+        return q.values.to(_gemm_dtype(t)), q.scale_inv
+    if role in ("xt", "dyt", "wt"):
+        t = t.t().contiguous()
+        if role != "wt" and not recipe.disable_rht:
+            t = random_hadamard_transform(t)
+    tile_rows = 16 if role == "w" and not recipe.disable_2d_quantization else 1
+    stochastic = role in ("dy", "dyt") and not recipe.disable_stochastic_rounding
+    q = quantize_nvfp4(t, tile_rows=tile_rows, stochastic=stochastic)
+    if _active_stats is not None and role in ("x", "w", "dy"):
+        _active_stats.record(name, role, t, q)
+    return q.values().to(_gemm_dtype(t)), q.amax
+
+
+def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
+    # Operand values are exact in bf16; CUDA multiplies bf16 with an fp32 output, CPU in fp32.
+    return torch.bfloat16 if t.is_cuda else torch.float32
+
+
+def _alpha(recipe: Recipe, factor_a: torch.Tensor, factor_b: torch.Tensor) -> torch.Tensor:
+    if isinstance(recipe, FP8Recipe):
+        return factor_a * factor_b
+    return factor_a * factor_b / NVFP4_ALPHA_DENOM
+
+
+def _gemm(a, b_t, alpha, bias, out_dtype):
+    """alpha * (a @ b_t) + bias with fp32 accumulation, rounded once to out_dtype."""
+    acc = torch.mm(a, b_t, out_dtype=torch.float32) if a.is_cuda else torch.mm(a, b_t)
+    y = acc * alpha
+    if bias is not None:
+        y = y + bias.to(out_dtype)  # TE's epilogue adds the bias in the output dtype
+    return y.to(out_dtype)
+
+
+class _QuantizedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, recipe, name, training):
+        fp8 = isinstance(recipe, FP8Recipe)
+        xq, x_factor = _operand(recipe, "x", x, name)
+        wq, w_factor = _operand(recipe, "w", weight, name)
+        y = _gemm(xq, wq.t(), _alpha(recipe, x_factor, w_factor), bias, x.dtype)
+        xtq = xt_factor = wtq = wt_factor = None
+        if training and ctx.needs_input_grad[1]:  # per-tensor FP8 scaling is the same for the transpose
+            xtq, xt_factor = (xq.t(), x_factor) if fp8 else _operand(recipe, "xt", x, name)
+        if training and ctx.needs_input_grad[0]:  # 16x16 tiles quantize W and W^T to the same values
+            reuse = fp8 or not recipe.disable_2d_quantization
+            wtq, wt_factor = (wq.t(), w_factor) if reuse else _operand(recipe, "wt", weight, name)
+        ctx.save_for_backward(xtq, xt_factor, wtq, wt_factor)
+        ctx.recipe, ctx.name = recipe, name
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xtq, xt_factor, wtq, wt_factor = ctx.saved_tensors
+        recipe, name = ctx.recipe, ctx.name
+        fp8 = isinstance(recipe, FP8Recipe)
+        dy = dy.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0] or (fp8 and ctx.needs_input_grad[1]):
+            dyq, dy_factor = _operand(recipe, "dy", dy, name)
+        if ctx.needs_input_grad[0]:
+            dx = _gemm(dyq, wtq.t(), _alpha(recipe, dy_factor, wt_factor), None, ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dytq, dyt_factor = (dyq.t(), dy_factor) if fp8 else _operand(recipe, "dyt", dy, name)
+            dw = _gemm(dytq, xtq.t(), _alpha(recipe, dyt_factor, xt_factor), None, torch.float32)
+            dw = dw.to(ctx.w_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)  # from the unquantized dY, as TE
+        return dx, dw, db, None, None, None
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     recipe: Optional[Recipe] = None, name: str = "linear") -> torch.Tensor:
+    """F.linear with its three GEMMs in `recipe`'s format (plain F.linear when recipe is None).
+    Under autocast the input is cast to the autocast dtype, as F.linear would be; the weight
+    is quantized from its own (master) dtype, as TE does."""
+    if recipe is None:
+        return F.linear(x, weight, bias)
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: quantized linear needs a floating-point input, got {x.dtype}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        x = x.to(torch.get_autocast_dtype(device_type))
+    x2d = rows_of(x)
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    precision = "fp8" if isinstance(recipe, FP8Recipe) else "nvfp4"
+    # The token dim M only carries blocks in the wgrad GEMM: inference takes any M.
+    error = gemm_shape_error(name, precision, x2d.shape[0] if training else 0, *weight.shape[::-1])
+    if error:
+        raise ValueError(error)
+    with torch.autocast(device_type, enabled=False):
+        y = _QuantizedLinearFn.apply(x2d, weight, bias, recipe, name, training)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# ---- Modules with Transformer Engine's parameter names ------------------------------------------
+
+class Linear(nn.Module):
+    """nn.Linear with `te.Linear`'s names (weight, bias); quantized when given a recipe."""
+
+    def __init__(self, in_features: int, out_features: int, recipe: Optional[Recipe] = None,
+                 name: str = "linear"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        nn.init.xavier_uniform_(self.weight)
+        self.recipe, self.name = recipe, name
+
+    def forward(self, x):
+        return quantized_linear(x, self.weight, self.bias, self.recipe, self.name)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, recipe={self.recipe}"
+
+
+class LayerNormLinear(nn.Module):
+    """LayerNorm then Linear, as `te.LayerNormLinear` (layer_norm_weight/bias, weight, bias)."""
+
+    def __init__(self, in_features: int, out_features: int, eps: float = 1e-6,
+                 recipe: Optional[Recipe] = None, name: str = "norm_linear"):
+        super().__init__()
+        self.layer_norm_weight = nn.Parameter(torch.ones(in_features))
+        self.layer_norm_bias = nn.Parameter(torch.zeros(in_features))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        nn.init.xavier_uniform_(self.weight)
+        self.eps, self.recipe, self.name = eps, recipe, name
+
+    def forward(self, x):
+        h = F.layer_norm(x, x.shape[-1:], self.layer_norm_weight, self.layer_norm_bias, self.eps)
+        return quantized_linear(h, self.weight, self.bias, self.recipe, self.name)
+
+
+class LayerNormMLP(nn.Module):
+    """LayerNorm, fc1, GELU, fc2, as `te.LayerNormMLP` (whose 'gelu' is the tanh form)."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, eps: float = 1e-6,
+                 recipe: Optional[Recipe] = None, name: str = "mlp"):
+        super().__init__()
+        self.layer_norm_weight = nn.Parameter(torch.ones(hidden_size))
+        self.layer_norm_bias = nn.Parameter(torch.zeros(hidden_size))
+        self.fc1_weight = nn.Parameter(torch.empty(ffn_hidden_size, hidden_size))
+        self.fc1_bias = nn.Parameter(torch.zeros(ffn_hidden_size))
+        self.fc2_weight = nn.Parameter(torch.empty(hidden_size, ffn_hidden_size))
+        self.fc2_bias = nn.Parameter(torch.zeros(hidden_size))
+        nn.init.xavier_uniform_(self.fc1_weight)
+        nn.init.xavier_uniform_(self.fc2_weight)
+        self.eps, self.recipe, self.name = eps, recipe, name
+
+    def forward(self, x):
+        h = F.layer_norm(x, x.shape[-1:], self.layer_norm_weight, self.layer_norm_bias, self.eps)
+        h = quantized_linear(h, self.fc1_weight, self.fc1_bias, self.recipe, self.name + ".fc1")
+        h = F.gelu(h, approximate="tanh")
+        return quantized_linear(h, self.fc2_weight, self.fc2_bias, self.recipe, self.name + ".fc2")
+
+
+class LayerFactory:
+    """Builds every linear layer of the model, so that backends swap without model changes.
+
+    A layer runs in `recipe`'s format unless its name matches one of `keep_high_precision`
+    (fnmatch patterns). backend="te" builds Transformer Engine modules for the quantized
+    layers (all layers when recipe is None); kept layers stay PyTorch modules, which TE's
+    autocast does not touch. `gemms` records (name, in, out, quantized) of every GEMM built.
+    """
+
+    def __init__(self, recipe: Optional[Recipe] = None, keep_high_precision=(),
+                 backend: str = "torch", eps: float = 1e-6):
+        self.recipe, self.keep, self.backend, self.eps = recipe, tuple(keep_high_precision), backend, eps
+        self.gemms = []
+
+    def _recipe_for(self, name: str) -> Optional[Recipe]:
+        if self.recipe is None or any(fnmatch(name, pattern) for pattern in self.keep):
+            return None
+        return self.recipe
+
+    def _use_te(self, recipe) -> bool:
+        return self.backend == "te" and (recipe is not None or self.recipe is None)
+
+    def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
+        recipe = self._recipe_for(name)
+        self.gemms.append((name, in_features, out_features, recipe is not None))
+        if self._use_te(recipe):
+            from . import te_backend
+            return te_backend.make_module("linear", in_features, out_features, self.eps)
+        return Linear(in_features, out_features, recipe, name)
+
+    def norm_linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
+        recipe = self._recipe_for(name)
+        self.gemms.append((name, in_features, out_features, recipe is not None))
+        if self._use_te(recipe):
+            from . import te_backend
+            return te_backend.make_module("norm_linear", in_features, out_features, self.eps)
+        return LayerNormLinear(in_features, out_features, self.eps, recipe, name)
+
+    def norm_mlp(self, name: str, hidden_size: int, ffn_hidden_size: int) -> nn.Module:
+        recipe = self._recipe_for(name)
+        self.gemms.append((name + ".fc1", hidden_size, ffn_hidden_size, recipe is not None))
+        self.gemms.append((name + ".fc2", ffn_hidden_size, hidden_size, recipe is not None))
+        if self._use_te(recipe):
+            from . import te_backend
+            return te_backend.make_module("norm_mlp", hidden_size, ffn_hidden_size, self.eps)
+        return LayerNormMLP(hidden_size, ffn_hidden_size, self.eps, recipe, name)
+
+
+# ---- FP4 diagnostics ------------------------------------------------------------------------
+
+class FP4Stats:
+    """Per quantized layer and operand (X, W, dY): fraction of nonzero values flushed to zero,
+    fraction at the block max (|code| = 6), E4M3 scale range used, relative error."""
+    OPERAND = {"x": "X", "w": "W", "dy": "dY"}
+
+    def __init__(self):
+        self.rows = {}
+
+    @torch.no_grad()
+    def record(self, layer: str, role: str, x: torch.Tensor, q: NVFP4Tensor) -> None:
+        x = x.to(torch.float32)
+        nonzero = x != 0
+        used = q.scales[q.scales > 0]
+        error = torch.linalg.vector_norm(q.dequantize() - x) / torch.linalg.vector_norm(x).clamp_min(1e-30)
+        self.rows[f"{layer}.{self.OPERAND[role]}"] = {
+            "flushed_to_zero": ((q.codes == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1),
+            "at_block_max": (q.codes.abs() == 6).sum().item() / max(x.numel(), 1),
+            "scale_min": used.min().item() if used.numel() else 0.0,
+            "scale_max": used.max().item() if used.numel() else 0.0,
+            "rel_error": error.item(),
+        }
+
+
+@contextmanager
+def collect_fp4_stats():
+    """Record FP4Stats of every emulated NVFP4 GEMM operand run inside the block (eager only)."""
+    global _active_stats
+    stats, previous = FP4Stats(), _active_stats
+    _active_stats = stats
+    try:
+        yield stats
+    finally:
+        _active_stats = previous

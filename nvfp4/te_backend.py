@@ -1,0 +1,93 @@
+"""Transformer Engine adapter: which backend runs, TE's modules, and TE's autocast.
+
+TE's NVFP4 GEMMs need compute capability >= 10.0 (Blackwell), its FP8 GEMMs >= 8.9 (Ada,
+Hopper). Everywhere else the emulation in `nvfp4.linear` runs the same recipe in PyTorch.
+"""
+from contextlib import nullcontext
+
+import torch
+
+from .formats import FP8Recipe, NVFP4Recipe
+
+NEEDED_CAPABILITY = {"nvfp4": (10, 0), "fp8": (8, 9)}
+RECIPE_NAME = {"nvfp4": "NVFP4BlockScaling", "fp8": "Float8CurrentScaling(HYBRID)"}
+
+
+class BackendError(ValueError):
+    """--backend te cannot run here; the message says why and what to do."""
+
+
+def import_te():
+    """(transformer_engine.pytorch, None), or (None, why it did not import)."""
+    try:
+        import transformer_engine.pytorch as te
+        return te, None
+    except Exception as error:  # TE raises OSError/RuntimeError too when CUDA libs are missing
+        return None, f"Transformer Engine does not import ({type(error).__name__}: {error})"
+
+
+def _device_problem(precision: str, device: torch.device):
+    """Why this device cannot run TE's `precision` GEMMs, or None."""
+    if device.type != "cuda":
+        return f"Transformer Engine needs a CUDA GPU; this run is on {device.type}"
+    needed = NEEDED_CAPABILITY.get(precision)
+    capability = torch.cuda.get_device_capability(device)
+    if needed and capability < needed:
+        return (f"TE's {precision.upper()} GEMMs need compute capability >= {needed[0]}.{needed[1]}; "
+                f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
+    return None
+
+
+def select_backend(requested: str, precision: str, device: torch.device, te_import=import_te):
+    """Return ('te' | 'torch', one startup line). Raises BackendError when --backend te
+    cannot run the recipe here."""
+    quantized = precision in NEEDED_CAPABILITY
+    if requested == "emulated" or (requested == "auto" and not quantized):
+        what = f"emulated {precision.upper()} in PyTorch" if quantized else f"PyTorch {precision}"
+        return "torch", f"backend: {what} (as asked)" if requested == "emulated" else f"backend: {what}"
+    te, import_problem = te_import()
+    problem = import_problem or _device_problem(precision, device)
+    if problem is None:
+        recipe = RECIPE_NAME.get(precision, "no quantization recipe")
+        return "te", f"backend: Transformer Engine {getattr(te, '__version__', '')} {recipe}".replace("  ", " ")
+    if requested == "te":
+        hint = ("install it on a Blackwell machine (README: Transformer Engine)" if import_problem
+                else "use --backend emulated (or auto) to run the same recipe in PyTorch")
+        raise BackendError(f"--backend te: {problem}; {hint}")
+    return "torch", f"backend: emulated {precision.upper()} in PyTorch ({problem})"
+
+
+def make_module(kind: str, in_features: int, out_features: int, eps: float):
+    """A TE module with the parameter names of the PyTorch modules in nvfp4.linear."""
+    te, problem = import_te()
+    if te is None:
+        raise BackendError(problem)
+    if kind == "linear":
+        return te.Linear(in_features, out_features, bias=True, params_dtype=torch.float32)
+    if kind == "norm_linear":
+        return te.LayerNormLinear(in_features, out_features, eps=eps, bias=True,
+                                  params_dtype=torch.float32)
+    if kind == "norm_mlp":
+        return te.LayerNormMLP(in_features, out_features, eps=eps, bias=True, activation="gelu",
+                               params_dtype=torch.float32)
+    raise ValueError(f"unknown TE module kind {kind!r}")
+
+
+def te_recipe(recipe):
+    """TE's recipe object for our NVFP4Recipe / FP8Recipe."""
+    from transformer_engine.common.recipe import Float8CurrentScaling, Format, NVFP4BlockScaling
+    if isinstance(recipe, NVFP4Recipe):
+        return NVFP4BlockScaling(disable_rht=recipe.disable_rht,
+                                 disable_stochastic_rounding=recipe.disable_stochastic_rounding,
+                                 disable_2d_quantization=recipe.disable_2d_quantization)
+    if isinstance(recipe, FP8Recipe):
+        return Float8CurrentScaling(fp8_format=Format.HYBRID)
+    raise ValueError(f"no TE recipe for {recipe!r}")
+
+
+def autocast(backend: str, recipe):
+    """TE's autocast around the forward pass when TE runs a quantized recipe; else a no-op."""
+    if backend != "te" or recipe is None:
+        return nullcontext()
+    te, _ = import_te()
+    return te.autocast(enabled=True, recipe=te_recipe(recipe))

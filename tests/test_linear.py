@@ -1,0 +1,225 @@
+"""The quantized linear layer: each GEMM against an independent computation, the guards, the
+factory, and (where it loads) TE's reference GEMMs."""
+import pytest
+import torch
+
+from conftest import requires_cuda
+from nvfp4 import FP8Recipe, NVFP4Recipe, LayerFactory, collect_fp4_stats, quantized_linear
+from nvfp4.formats import (NVFP4_ALPHA_DENOM, quantize_fp8, quantize_nvfp4,
+                           random_hadamard_transform)
+from nvfp4.linear import LayerNormMLP, Linear
+
+RN = NVFP4Recipe(disable_stochastic_rounding=True)
+
+
+def run_linear(recipe, x, w, b, dy):
+    x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+    y = quantized_linear(x, w, b, recipe)
+    y.backward(dy)
+    return y.detach(), x.grad, w.grad, b.grad
+
+
+def gemm64(a_values, a_factor, b_values, b_factor, denom=NVFP4_ALPHA_DENOM):
+    """The GEMM in float64 from quantized operands: alpha * (A @ B^T)."""
+    alpha = (a_factor.double() * b_factor.double()) / denom
+    return alpha * (a_values.double() @ b_values.double().t())
+
+
+def inputs(m=64, k=32, n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.1,
+            torch.randn(n, generator=g), torch.randn(m, n, generator=g) * 1e-3)
+
+
+@pytest.mark.parametrize("recipe", [RN, NVFP4Recipe(disable_rht=True, disable_stochastic_rounding=True),
+                                    NVFP4Recipe(disable_2d_quantization=True, disable_stochastic_rounding=True)])
+def test_nvfp4_gemms_equal_manual_computation(recipe):
+    x, w, b, dy = inputs()
+    y, dx, dw, db = run_linear(recipe, x, w, b, dy)
+    qx, qdy = quantize_nvfp4(x), quantize_nvfp4(dy)
+    qw = quantize_nvfp4(w, tile_rows=1 if recipe.disable_2d_quantization else 16)
+    qwt = quantize_nvfp4(w.t().contiguous(), tile_rows=1 if recipe.disable_2d_quantization else 16)
+    rht = (lambda t: t) if recipe.disable_rht else random_hadamard_transform
+    qxt, qdyt = quantize_nvfp4(rht(x.t().contiguous())), quantize_nvfp4(rht(dy.t().contiguous()))
+    torch.testing.assert_close(y.double(), gemm64(qx.values(), qx.amax, qw.values(), qw.amax) + b.double(),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx.double(), gemm64(qdy.values(), qdy.amax, qwt.values(), qwt.amax),
+                               rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(dw.double(), gemm64(qdyt.values(), qdyt.amax, qxt.values(), qxt.amax),
+                               rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(db, dy.sum(0))
+
+
+def test_rht_cancels_in_wgrad():
+    # RHT is orthogonal: without quantization H H^T = I, so dW estimates dY^T X either way.
+    x, w, b, dy = inputs(m=256)
+    exact = dy.t() @ x
+    errors = [(run_linear(NVFP4Recipe(disable_rht=r, disable_stochastic_rounding=True), x, w, b, dy)[2] - exact).norm()
+              / exact.norm() for r in (False, True)]
+    assert max(errors) < 0.25
+
+
+def test_fp8_gemms_equal_manual_computation():
+    x, w, b, dy = inputs()
+    y, dx, dw, db = run_linear(FP8Recipe(), x, w, b, dy)
+    qx, qw = quantize_fp8(x, torch.float8_e4m3fn), quantize_fp8(w, torch.float8_e4m3fn)
+    qdy = quantize_fp8(dy, torch.float8_e5m2)
+    torch.testing.assert_close(y.double(), gemm64(qx.values, qx.scale_inv, qw.values, qw.scale_inv, 1) + b.double(),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx.double(), gemm64(qdy.values, qdy.scale_inv, qw.values.t(), qw.scale_inv, 1),
+                               rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(dw.double(), gemm64(qdy.values.t(), qdy.scale_inv, qx.values.t(), qx.scale_inv, 1),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_against_te_reference_gemms(te_reference):
+    ref, gemm = te_reference.reference_nvfp4, te_reference.gemm
+    fmt = te_reference.reference_utils.Fp4Formats.E2M1
+    x, w, b, dy = inputs(m=64, k=64, n=32)
+    y, dx, dw, _ = run_linear(RN, x, w, torch.zeros_like(b), dy)
+    act_q = ref.NVFP4QuantizerRef(dtype=fmt, quant_tile_shape=(1, 16), with_rht=True)
+    w_q = ref.NVFP4QuantizerRef(dtype=fmt, quant_tile_shape=(16, 16), with_rht=False)
+    qx, qw, qdy = act_q.quantize(x), w_q.quantize(w), act_q.quantize(dy)
+    params = gemm.MMParams(out_dtype=torch.float32)
+
+    def te_gemm(a, b, sa, sb, kind, qa, qb):
+        return act_q.qgemm(a, b, params, torch.float32, sa, sb, gemm_type=kind, qresult_x=qa, qresult_w=qb)
+
+    te_y = te_gemm(qx.data, qw.data, qx.scale, qw.scale, gemm.GEMMType.FPROP, qx, qw)
+    te_dx = te_gemm(qdy.data, qw.data_t, qdy.scale, qw.scale_t, gemm.GEMMType.DGRAD, qdy, qw)
+    te_dw = te_gemm(qdy.data_t, qx.data_t, qdy.scale_t, qx.scale_t, gemm.GEMMType.WGRAD, qdy, qx)
+    # Same quantized operands; fp32 accumulation order is the only difference.
+    for mine, theirs in ((y, te_y), (dx, te_dx), (dw, te_dw)):
+        torch.testing.assert_close(mine, theirs, rtol=2e-6, atol=1e-7)
+
+
+def test_stochastic_rounding_makes_gradients_unbiased():
+    x, w, b, dy = inputs(m=32, k=32, n=32)
+    dy = dy * 1e3
+    exact = dy.t() @ x
+    sr = torch.stack([run_linear(NVFP4Recipe(disable_rht=True), x, w, b, dy)[2] for _ in range(300)]).mean(0)
+    rn = run_linear(NVFP4Recipe(disable_rht=True, disable_stochastic_rounding=True), x, w, b, dy)[2]
+    rn_quantized_x = quantize_nvfp4(x.t().contiguous())
+    expected = dy.t().double() @ rn_quantized_x.dequantize().t().double()  # only dY rounds stochastically
+    assert (sr.double() - expected).norm() < 0.5 * (rn.double() - expected).norm()
+    assert (sr - exact).norm() / exact.norm() < 0.3
+
+
+def test_under_autocast_and_3d_inputs():
+    layer = Linear(32, 48, recipe=NVFP4Recipe())
+    x = torch.randn(4, 16, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.shape == (4, 16, 48) and y.dtype == torch.bfloat16
+    y.float().square().mean().backward()
+    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+    assert layer.weight.grad.dtype == torch.float32 and layer.weight.grad.abs().sum() > 0
+
+
+def test_shape_and_dtype_guards():
+    layer = Linear(24, 32, recipe=NVFP4Recipe())
+    with pytest.raises(ValueError, match="in_features K = 24 is not a multiple of 16"):
+        layer(torch.randn(16, 24))
+    layer = Linear(32, 32, recipe=NVFP4Recipe())
+    with pytest.raises(ValueError, match="tokens per step M = 10"):
+        layer(torch.randn(10, 32))
+    with torch.no_grad():
+        assert layer(torch.randn(10, 32)).shape == (10, 32)  # inference needs no M blocks
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(16, 32, dtype=torch.int64))
+
+
+def test_non_contiguous_input_is_copied_not_misread():
+    layer = Linear(32, 16, recipe=RN)
+    x = torch.randn(32, 32)
+    torch.testing.assert_close(layer(x.t()), layer(x.t().contiguous()), rtol=0, atol=0)
+
+
+def test_factory_keeps_named_layers_high_precision():
+    factory = LayerFactory(NVFP4Recipe(), keep_high_precision=("patch_embed", "decoder_*"))
+    first = factory.linear("patch_embed", 48, 64)
+    middle = factory.norm_mlp("blocks.0.mlp", 64, 256)
+    last = factory.linear("decoder_pred", 64, 48)
+    assert first.recipe is None and last.recipe is None and isinstance(middle.recipe, NVFP4Recipe)
+    assert [g[0] for g in factory.gemms if g[3]] == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    assert isinstance(middle, LayerNormMLP)
+    assert set(dict(middle.named_parameters())) == {"layer_norm_weight", "layer_norm_bias", "fc1_weight",
+                                                    "fc1_bias", "fc2_weight", "fc2_bias"}
+
+
+def test_fp4_stats():
+    layer = LayerNormMLP(32, 64, recipe=NVFP4Recipe(), name="mlp")
+    with collect_fp4_stats() as stats:
+        layer(torch.randn(32, 32)).backward(torch.randn(32, 32))
+    assert set(stats.rows) == {f"mlp.{fc}.{op}" for fc in ("fc1", "fc2") for op in ("X", "W", "dY")}
+    for row in stats.rows.values():
+        assert 0 <= row["flushed_to_zero"] <= 1 and 0 < row["at_block_max"] <= 1
+        assert 0 < row["scale_min"] <= row["scale_max"] <= 448 and 0 < row["rel_error"] < 1
+    # one value of 6 and fifteen of 0.01 per block: 0.01 scales to 0.01 < 0.25 and flushes
+    x = torch.full((16, 32), 0.01)
+    x[:, ::16] = 6.0
+    stats.record("probe", "x", x, quantize_nvfp4(x))
+    row = stats.rows["probe.X"]
+    assert row["flushed_to_zero"] == 15 / 16 and row["at_block_max"] == 1 / 16
+    assert row["scale_min"] == row["scale_max"] == 448.0
+    assert abs(row["rel_error"] - (0.01 * 15 ** 0.5) / (36 + 15e-4) ** 0.5) < 1e-6
+
+
+def test_compiles_without_graph_breaks_and_matches_eager():
+    torch._dynamo.reset()
+    x, w, b, dy = inputs()
+
+    def step(x, w, b):
+        return quantized_linear(x, w, b, RN)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for fn in (step, compiled):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xx, ww, b)
+        y.backward(dy)
+        if fn is step:
+            expected = (y, xx.grad, ww.grad)
+    for got, want in zip((y, xx.grad, ww.grad), expected):
+        assert torch.equal(got, want)
+
+
+@requires_cuda
+def test_cuda_matches_cpu_bitwise_quantization():
+    x = torch.randn(256, 128, dtype=torch.bfloat16)
+    for tile in (1, 16):
+        cpu, gpu = quantize_nvfp4(x, tile), quantize_nvfp4(x.cuda(), tile)
+        assert torch.equal(cpu.values(), gpu.values().cpu()) and torch.equal(cpu.amax, gpu.amax.cpu())
+    cpu_t = quantize_nvfp4(random_hadamard_transform(x.t().contiguous()))
+    gpu_t = quantize_nvfp4(random_hadamard_transform(x.cuda().t().contiguous()))
+    assert torch.equal(cpu_t.values(), gpu_t.values().cpu())
+
+
+@requires_cuda
+def test_cuda_compiled_quantization_is_bitwise_eager():
+    torch._dynamo.reset()
+    x = torch.randn(512, 384, device="cuda", dtype=torch.bfloat16) * 3
+    x[0, :16] = 0
+
+    def q(x):
+        a = quantize_nvfp4(x)
+        b = quantize_nvfp4(x, tile_rows=16)
+        c = quantize_nvfp4(random_hadamard_transform(x.t().contiguous()))
+        return a.values(), b.values(), c.values(), a.amax, c.amax
+
+    for eager, compiled in zip(q(x), torch.compile(q)(x)):
+        assert torch.equal(eager.view(torch.int32) if eager.dtype == torch.float32 else eager,
+                           compiled.view(torch.int32) if compiled.dtype == torch.float32 else compiled)
+
+
+@requires_cuda
+def test_cuda_linear_matches_cpu_and_compiles():
+    torch._dynamo.reset()
+    x, w, b, dy = inputs(m=256, k=128, n=64)
+    cpu = run_linear(RN, x, w, b, dy)
+    gpu = run_linear(RN, *(t.cuda() for t in (x, w, b, dy)))
+    for c, g in zip(cpu, gpu):
+        torch.testing.assert_close(c, g.cpu(), rtol=1e-5, atol=1e-6)
+    compiled = torch.compile(lambda x, w, b: quantized_linear(x, w, b, NVFP4Recipe()))
+    xx = x.cuda().requires_grad_()
+    compiled(xx, w.cuda().requires_grad_(), b.cuda()).backward(dy.cuda())
+    assert torch.isfinite(xx.grad).all()
