@@ -48,6 +48,11 @@ def _e2m1_step(a: torch.Tensor) -> torch.Tensor:
     return torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
 
 
+def _sign(v: torch.Tensor) -> torch.Tensor:
+    """-1 where v < 0, else +1: a product keeps -0.0 where Triton's `-q` (0 - q) would not."""
+    return torch.where(v < 0, -1.0, 1.0)
+
+
 def round_e2m1(v: torch.Tensor) -> torch.Tensor:
     """Round fp32 values in [-6, 6] to the nearest E2M1 value, ties to even.
 
@@ -58,22 +63,27 @@ def round_e2m1(v: torch.Tensor) -> torch.Tensor:
     a = v.abs()
     step = _e2m1_step(a)
     q = torch.round(a / step) * step  # torch.round is round-half-to-even
-    return torch.where(v < 0, -q, q)
+    return q * _sign(v)
 
 
-def stochastic_round_e2m1(v: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def random_bits(shape, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """8 uniform random bits per element (uint8). rand has 24-bit resolution, so
+    floor(rand * 256) is exactly uniform on 0..255; unlike randint it compiles for any shape."""
+    return (torch.rand(shape, generator=generator, device=device) * 256).to(torch.uint8)
+
+
+def stochastic_round_e2m1(v: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Stochastically round fp32 values in [-6, 6] to one of their two E2M1 neighbours.
 
     TE's software rounder (NVIDIA/TransformerEngine#3281, what `cvt.rs.satfinite.e2m1x4.f32`
     takes): 8 random bits per element, u = bits / 256, t = |x| + u * step(|x|),
     q = min(floor(t / step(t)) * step(t), 6), sign restored. Unbiased up to step / 256.
     """
-    bits = torch.randint(0, 256, v.shape, generator=generator, device=v.device, dtype=torch.float32)
     a = v.abs()
-    t = a + bits * (1.0 / 256.0) * _e2m1_step(a)
+    t = a + bits.to(torch.float32) * (1.0 / 256.0) * _e2m1_step(a)
     step_t = _e2m1_step(t)
     q = torch.clamp(torch.floor(t / step_t) * step_t, max=E2M1_MAX)
-    return torch.where(v < 0, -q, q)
+    return q * _sign(v)
 
 
 # ---- Scales --------------------------------------------------------------------------------
@@ -97,12 +107,15 @@ def round_e4m3_scale(decode_scale: torch.Tensor) -> torch.Tensor:
 # ---- Random Hadamard Transform ---------------------------------------------------------------
 
 def hadamard_matrix(device=None, dtype=torch.float32) -> torch.Tensor:
-    """TE's RHT matrix: diag(signs) @ Sylvester H16, times 1/sqrt(16). Orthogonal."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < BLOCK:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    signs = torch.tensor(RHT_SIGNS, dtype=torch.float32)
-    return (signs[:, None] * h * 0.25).to(device=device, dtype=dtype)
+    """TE's RHT matrix: diag(signs) @ Sylvester H16, times 1/sqrt(16). Orthogonal.
+
+    Sylvester's H16[i, j] = (-1)^popcount(i & j). Built with device-side ops only, so that a
+    compiled graph holds no CPU tensor."""
+    idx = torch.arange(BLOCK, device=device)
+    both = idx[:, None] & idx[None, :]
+    parity = sum((both >> bit) & 1 for bit in range(4)) % 2
+    signs = torch.tensor(RHT_SIGNS, device=device, dtype=torch.float32)
+    return (signs[:, None] * (1 - 2 * parity) * 0.25).to(dtype)
 
 
 def random_hadamard_transform(x: torch.Tensor) -> torch.Tensor:
@@ -146,9 +159,10 @@ def _block_amax(x: torch.Tensor, tile_rows: int) -> torch.Tensor:
 
 
 def quantize_nvfp4(x: torch.Tensor, tile_rows: int = 1, stochastic: bool = False,
-                   generator: Optional[torch.Generator] = None) -> NVFP4Tensor:
+                   generator: Optional[torch.Generator] = None, bits: Optional[torch.Tensor] = None) -> NVFP4Tensor:
     """Quantize a 2D tensor to NVFP4 along its last dim, step for step as TE's reference:
-    1x16 blocks (tile_rows=1) or 16x16 tiles (tile_rows=16), zero padding to the tile."""
+    1x16 blocks (tile_rows=1) or 16x16 tiles (tile_rows=16), zero padding to the tile.
+    stochastic: round with `bits` (uint8, x's shape), drawn from `generator` when not given."""
     if x.dim() != 2:
         raise ValueError(f"quantize_nvfp4 expects a 2D tensor, got shape {tuple(x.shape)}")
     if tile_rows not in (1, BLOCK):
@@ -164,7 +178,12 @@ def quantize_nvfp4(x: torch.Tensor, tile_rows: int = 1, stochastic: bool = False
     encode = torch.minimum(torch.div(1.0, scales * g_dec), torch.tensor(FP32_MAX, device=x.device))
     blocks = padded.to(torch.float32).view(padded.shape[0], -1, BLOCK) * encode[..., None]
     blocks = torch.clamp(blocks, -E2M1_MAX, E2M1_MAX)
-    codes = stochastic_round_e2m1(blocks, generator) if stochastic else round_e2m1(blocks)
+    if stochastic:
+        bits = random_bits(x.shape, x.device, generator) if bits is None else bits
+        bits = torch.nn.functional.pad(bits, (0, -cols % BLOCK, 0, -rows % tile_rows))
+        codes = stochastic_round_e2m1(blocks, bits.view(blocks.shape))
+    else:
+        codes = round_e2m1(blocks)
     codes = codes.flatten(1)[:rows, :cols]
     return NVFP4Tensor(codes, scales[:rows], amax)
 

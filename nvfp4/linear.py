@@ -20,8 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import (NVFP4_ALPHA_DENOM, FP8Recipe, NVFP4Recipe, NVFP4Tensor, quantize_fp8,
-                      quantize_nvfp4, random_hadamard_transform)
+                      quantize_nvfp4, random_bits, random_hadamard_transform)
 from .guards import gemm_shape_error, rows_of
+
+try:  # the fused GPU kernel; PyTorch's reference implementation runs everywhere else
+    from . import kernels
+except ImportError:
+    kernels = None
 
 Recipe = Union[NVFP4Recipe, FP8Recipe]
 _active_stats = None  # an FP4Stats while `collect_fp4_stats` is active (eager passes only)
@@ -39,7 +44,15 @@ def _operand(recipe: Recipe, role: str, t: torch.Tensor, name: str):
             t = random_hadamard_transform(t)
     tile_rows = 16 if role == "w" and not recipe.disable_2d_quantization else 1
     stochastic = role in ("dy", "dyt") and not recipe.disable_stochastic_rounding
-    q = quantize_nvfp4(t, tile_rows=tile_rows, stochastic=stochastic)
+    bits = random_bits(t.shape, t.device) if stochastic else None
+    if (kernels is not None and t.is_cuda and _active_stats is None and t.shape[1] % 16 == 0
+            and t.shape[0] % tile_rows == 0):
+        t = t.contiguous()
+        amax = t.abs().amax().to(torch.float32)
+        empty = torch.empty(0, dtype=torch.uint8, device=t.device)
+        values = torch.ops.nvfp4.quantize_values(t, amax, empty if bits is None else bits, tile_rows, stochastic)
+        return values, amax
+    q = quantize_nvfp4(t, tile_rows=tile_rows, stochastic=stochastic, bits=bits)
     if _active_stats is not None and role in ("x", "w", "dy"):
         _active_stats.record(name, role, t, q)
     return q.values().to(_gemm_dtype(t)), q.amax
@@ -62,24 +75,29 @@ def _gemm(a, b_t, alpha, bias, out_dtype):
     y = acc * alpha
     if bias is not None:
         y = y + bias.to(out_dtype)  # TE's epilogue adds the bias in the output dtype
-    return y.to(out_dtype)
+    # no `.to()` when the dtype already matches: torch 2.11's compiled autograd.Function
+    # returns zero gradients for a forward output that aliases an intermediate
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe, name, training):
+    def forward(ctx, x, weight, bias, recipe, name, need_dx, need_dw):
+        # need_dx/need_dw come from the caller: ctx.needs_input_grad is not reliable under
+        # torch.compile in every torch release (2.11 traced a backward that skipped dX).
         fp8 = isinstance(recipe, FP8Recipe)
         xq, x_factor = _operand(recipe, "x", x, name)
         wq, w_factor = _operand(recipe, "w", weight, name)
         y = _gemm(xq, wq.t(), _alpha(recipe, x_factor, w_factor), bias, x.dtype)
         xtq = xt_factor = wtq = wt_factor = None
-        if training and ctx.needs_input_grad[1]:  # per-tensor FP8 scaling is the same for the transpose
+        if need_dw:  # per-tensor FP8 scaling is the same for the transpose
             xtq, xt_factor = (xq.t(), x_factor) if fp8 else _operand(recipe, "xt", x, name)
-        if training and ctx.needs_input_grad[0]:  # 16x16 tiles quantize W and W^T to the same values
+        if need_dx:  # 16x16 tiles quantize W and W^T to the same values
             reuse = fp8 or not recipe.disable_2d_quantization
             wtq, wt_factor = (wq.t(), w_factor) if reuse else _operand(recipe, "wt", weight, name)
         ctx.save_for_backward(xtq, xt_factor, wtq, wt_factor)
-        ctx.recipe, ctx.name = recipe, name
+        ctx.recipe, ctx.name, ctx.need_dx, ctx.need_dw = recipe, name, need_dx, need_dw
+        ctx.need_db = bias is not None and bias.requires_grad
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -91,17 +109,17 @@ class _QuantizedLinearFn(torch.autograd.Function):
         fp8 = isinstance(recipe, FP8Recipe)
         dy = dy.contiguous()
         dx = dw = db = None
-        if ctx.needs_input_grad[0] or (fp8 and ctx.needs_input_grad[1]):
+        if ctx.need_dx or (fp8 and ctx.need_dw):
             dyq, dy_factor = _operand(recipe, "dy", dy, name)
-        if ctx.needs_input_grad[0]:
+        if ctx.need_dx:
             dx = _gemm(dyq, wtq.t(), _alpha(recipe, dy_factor, wt_factor), None, ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
+        if ctx.need_dw:
             dytq, dyt_factor = (dyq.t(), dy_factor) if fp8 else _operand(recipe, "dyt", dy, name)
             dw = _gemm(dytq, xtq.t(), _alpha(recipe, dyt_factor, xt_factor), None, torch.float32)
             dw = dw.to(ctx.w_dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        if ctx.need_db:
             db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)  # from the unquantized dY, as TE
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -117,14 +135,16 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if torch.is_autocast_enabled(device_type):
         x = x.to(torch.get_autocast_dtype(device_type))
     x2d = rows_of(x)
-    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    need_dx = torch.is_grad_enabled() and x.requires_grad
+    need_dw = torch.is_grad_enabled() and weight.requires_grad
+    training = need_dx or need_dw
     precision = "fp8" if isinstance(recipe, FP8Recipe) else "nvfp4"
     # The token dim M only carries blocks in the wgrad GEMM: inference takes any M.
     error = gemm_shape_error(name, precision, x2d.shape[0] if training else 0, *weight.shape[::-1])
     if error:
         raise ValueError(error)
     with torch.autocast(device_type, enabled=False):
-        y = _QuantizedLinearFn.apply(x2d, weight, bias, recipe, name, training)
+        y = _QuantizedLinearFn.apply(x2d, weight, bias, recipe, name, need_dx, need_dw)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

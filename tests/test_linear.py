@@ -195,20 +195,19 @@ def test_cuda_matches_cpu_bitwise_quantization():
 
 
 @requires_cuda
-def test_cuda_compiled_quantization_is_bitwise_eager():
+def test_cuda_compiled_operands_are_bitwise_eager():
+    """On GPUs operands go through the Triton kernel (IEEE division); compiled == eager."""
+    from nvfp4.linear import _operand
     torch._dynamo.reset()
     x = torch.randn(512, 384, device="cuda", dtype=torch.bfloat16) * 3
     x[0, :16] = 0
 
-    def q(x):
-        a = quantize_nvfp4(x)
-        b = quantize_nvfp4(x, tile_rows=16)
-        c = quantize_nvfp4(random_hadamard_transform(x.t().contiguous()))
-        return a.values(), b.values(), c.values(), a.amax, c.amax
+    def operands(x):
+        return [_operand(RN, role, x, "probe") for role in ("x", "w", "xt")]
 
-    for eager, compiled in zip(q(x), torch.compile(q)(x)):
-        assert torch.equal(eager.view(torch.int32) if eager.dtype == torch.float32 else eager,
-                           compiled.view(torch.int32) if compiled.dtype == torch.float32 else compiled)
+    for (eager, eager_amax), (compiled, compiled_amax) in zip(operands(x), torch.compile(operands)(x)):
+        assert torch.equal(eager.view(torch.int16), compiled.view(torch.int16))
+        assert torch.equal(eager_amax, compiled_amax)
 
 
 @requires_cuda
