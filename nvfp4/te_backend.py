@@ -22,6 +22,8 @@ def import_te():
     try:
         import transformer_engine.pytorch as te
         return te, None
+    except ModuleNotFoundError:
+        return None, "Transformer Engine is not installed"
     except Exception as error:  # TE raises OSError/RuntimeError too when CUDA libs are missing
         return None, f"Transformer Engine does not import ({type(error).__name__}: {error})"
 
@@ -49,9 +51,9 @@ def select_backend(requested: str, precision: str, device: torch.device, te_impo
     problem = import_problem or _device_problem(precision, device)
     if problem is None:
         recipe = RECIPE_NAME.get(precision, "no quantization recipe")
-        return "te", f"backend: Transformer Engine {getattr(te, '__version__', '')} {recipe}".replace("  ", " ")
+        return "te", f"backend: Transformer Engine {getattr(te, '__version__', '?')}, {recipe}"
     if requested == "te":
-        hint = ("install it on a Blackwell machine (README: Transformer Engine)" if import_problem
+        hint = ("install it on a Blackwell GPU machine (README: Transformer Engine)" if import_problem
                 else "use --backend emulated (or auto) to run the same recipe in PyTorch")
         raise BackendError(f"--backend te: {problem}; {hint}")
     return "torch", f"backend: emulated {precision.upper()} in PyTorch ({problem})"

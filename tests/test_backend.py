@@ -1,0 +1,104 @@
+"""Backend selection (TE or emulation), its error messages, and checkpoint names across backends."""
+import types
+
+import pytest
+import torch
+
+from nvfp4 import te_backend
+from nvfp4.linear import LayerNormLinear, LayerNormMLP, Linear
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+NO_TE = lambda: (None, "Transformer Engine does not import (ModuleNotFoundError: No module named 'transformer_engine')")
+FAKE_TE = lambda: (types.SimpleNamespace(__version__="2.20.2"), None)
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Pretend to be on a GPU of a given compute capability."""
+    def set_capability(major, minor, name="NVIDIA Test GPU"):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    return set_capability
+
+
+@pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
+def test_auto_falls_back_to_emulation_and_says_why(precision, gpu):
+    backend, line = te_backend.select_backend("auto", precision, CPU, NO_TE)
+    assert backend == "torch" and f"emulated {precision.upper()}" in line and "does not import" in line
+    backend, line = te_backend.select_backend("auto", precision, CPU, FAKE_TE)
+    assert backend == "torch" and "needs a CUDA GPU" in line
+    gpu(9, 0, "NVIDIA H100 80GB HBM3")
+    backend, line = te_backend.select_backend("auto", precision, CUDA, FAKE_TE)
+    if precision == "nvfp4":
+        assert backend == "torch" and "compute capability >= 10.0; NVIDIA H100 80GB HBM3 is 9.0" in line
+    else:
+        assert backend == "te" and "Float8CurrentScaling" in line
+
+
+def test_auto_picks_te_where_the_gpu_runs_the_recipe(gpu):
+    gpu(10, 0)
+    assert te_backend.select_backend("auto", "nvfp4", CUDA, FAKE_TE)[0] == "te"
+    gpu(8, 9)
+    assert te_backend.select_backend("auto", "fp8", CUDA, FAKE_TE)[0] == "te"
+    assert te_backend.select_backend("auto", "nvfp4", CUDA, FAKE_TE)[0] == "torch"
+    gpu(8, 0)
+    assert te_backend.select_backend("auto", "fp8", CUDA, FAKE_TE)[0] == "torch"
+
+
+def test_high_precision_and_emulated_never_need_te():
+    for precision in ("fp32", "bf16"):
+        assert te_backend.select_backend("auto", precision, CPU, NO_TE) == ("torch", f"backend: PyTorch {precision}")
+    assert te_backend.select_backend("emulated", "nvfp4", CPU, FAKE_TE)[0] == "torch"
+
+
+def test_backend_te_errors_name_what_is_missing(gpu):
+    with pytest.raises(te_backend.BackendError, match="does not import.*install it on a Blackwell GPU machine"):
+        te_backend.select_backend("te", "nvfp4", CPU, NO_TE)
+    with pytest.raises(te_backend.BackendError, match="needs a CUDA GPU.*--backend emulated"):
+        te_backend.select_backend("te", "fp8", CPU, FAKE_TE)
+    gpu(9, 0)
+    with pytest.raises(te_backend.BackendError, match=r"compute capability >= 10\.0.*is 9\.0"):
+        te_backend.select_backend("te", "nvfp4", CUDA, FAKE_TE)
+
+
+def test_parameter_names_match_transformer_engine():
+    """TE 2.20 registers these names (module/linear.py, layernorm_linear.py, layernorm_mlp.py), so
+    checkpoints load on either backend (TE adds only `_extra_state` entries, which are skipped)."""
+    assert set(dict(Linear(16, 32).named_parameters())) == {"weight", "bias"}
+    assert set(dict(LayerNormLinear(16, 32).named_parameters())) == {
+        "layer_norm_weight", "layer_norm_bias", "weight", "bias"}
+    assert set(dict(LayerNormMLP(16, 64).named_parameters())) == {
+        "layer_norm_weight", "layer_norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"}
+
+
+def test_state_dict_with_te_extra_state_loads_into_the_pytorch_model():
+    import asmae_minimal
+    args = asmae_minimal.resolve_args(["--device", "cpu", "--model", "tiny", "--dataset", "fake"])
+    model = asmae_minimal.build_model(args, CPU)[0]
+    state = dict(model.state_dict())
+    state["blocks.0.mlp._extra_state"] = torch.empty(0)  # what a TE module adds
+    asmae_minimal.load_model_state(model, state, "a TE checkpoint")
+
+
+def test_te_model_trains_with_its_recipe():
+    te, problem = te_backend.import_te()
+    if te is None:
+        pytest.skip(problem)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (10, 0):
+        pytest.skip("TE's NVFP4 recipe needs a GPU of compute capability >= 10.0")
+    import asmae_minimal
+    args = asmae_minimal.resolve_args(["--model", "tiny", "--dataset", "fake", "--precision", "nvfp4",
+                                       "--backend", "te", "--batch-size", "32"])
+    model, backend, recipe, _ = asmae_minimal.build_model(args, torch.device(args.device))
+    assert backend == "te" and isinstance(model.blocks[0].mlp, te.LayerNormMLP)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    imgs, noise = torch.randn(32, 3, 32, 32, device="cuda"), torch.rand(32, 64, device="cuda")
+    losses = []
+    for _ in range(5):
+        with torch.autocast("cuda", torch.bfloat16), te_backend.autocast(backend, recipe):
+            loss = model(imgs, noise)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
