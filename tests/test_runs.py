@@ -1,0 +1,208 @@
+"""Runs that survive: bitwise resume, signals, atomic checkpoints, corrupt inputs, NaN guard."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import asmae_minimal
+from conftest import REPO
+from test_cli import cli, metrics, write_image_folder
+
+
+@pytest.fixture
+def images(tmp_path):
+    return write_image_folder(tmp_path / "images", classes=2, per_class=40)  # 72 train images: 4 steps of 16
+
+
+def run(tmp_path, images, *argv, run_name="run"):
+    return cli(tmp_path, "--dataset", "folder", "--data-root", str(images), *argv, run_name=run_name)
+
+
+def stop_after(monkeypatch, steps, sig=signal.SIGTERM):
+    """Deliver a real signal to this process after `steps` optimizer steps."""
+    real_step, count = asmae_minimal.Trainer.step, [0]
+
+    def step(self, *args):
+        out = real_step(self, *args)
+        count[0] += 1
+        if count[0] == steps:
+            os.kill(os.getpid(), sig)
+        return out
+    monkeypatch.setattr(asmae_minimal.Trainer, "step", step)
+
+
+def final_weights(run_dir: Path):
+    return torch.load(sorted(run_dir.glob("checkpoint_step*.pt"))[-1], weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("stop_at", [4, 6], ids=["at-epoch-end", "mid-epoch"])
+def test_resume_is_bitwise(tmp_path, images, monkeypatch, capsys, stop_at):
+    _, straight = run(tmp_path, images, "--epochs", "2", run_name="straight")
+    with monkeypatch.context() as patch:
+        stop_after(patch, stop_at)
+        with pytest.raises(SystemExit) as exit_info:
+            run(tmp_path, images, "--epochs", "2", run_name="stopped")
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    stopped = tmp_path / "runs" / "stopped"
+    assert len(metrics(stopped)) < len(metrics(straight))
+    cli(tmp_path, "--resume", str(stopped), run_name=None)
+    a, b = final_weights(straight), final_weights(stopped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(stopped) == metrics(straight)
+
+
+def test_resume_allows_more_epochs_and_refuses_conflicts(tmp_path, images, capsys):
+    _, run_dir = run(tmp_path, images, "--epochs", "1")
+    cli(tmp_path, "--resume", str(run_dir), "--epochs", "2", run_name=None)
+    out = capsys.readouterr().out
+    assert "[resume] epochs 1 -> 2" in out
+    assert [l["epoch"] for l in metrics(run_dir) if l["type"] == "epoch"] == [1, 2]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(tmp_path, "--resume", str(run_dir), "--patch-size", "8", run_name=None)
+    assert exit_info.value.code == 2 and "--patch-size 8 conflicts with the checkpoint (patch_size=4)" in capsys.readouterr().err
+
+
+def test_checkpoints_every_n_epochs_keep_last(tmp_path, images):
+    _, run_dir = run(tmp_path, images, "--epochs", "3", "--save-every", "1", "--keep-last", "2")
+    names = sorted(p.name for p in run_dir.glob("checkpoint_step*.pt"))
+    assert names == ["checkpoint_step00000008.pt", "checkpoint_step00000012.pt"]
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_sigkill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    script = f"""
+import sys, time, torch
+sys.path.insert(0, {str(REPO)!r})
+from asmae_minimal import atomic_save
+atomic_save({{"w": torch.ones(1000)}}, __import__("pathlib").Path({str(path)!r}))
+def stalled_save(obj, f):
+    f.write(b"PK\\x03\\x04" + b"x" * 4096)  # a zip archive cut short
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+torch.save = stalled_save
+atomic_save({{"w": torch.zeros(1000)}}, __import__("pathlib").Path({str(path)!r}))
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(1000))
+    partial = path.with_name(path.name + ".tmp")
+    assert partial.exists()
+    with pytest.raises(asmae_minimal.UsageError, match="corrupt, truncated"):
+        asmae_minimal.load_checkpoint(partial)
+
+
+def test_sigterm_in_a_subprocess_checkpoints_and_exits(tmp_path, images):
+    out = tmp_path / "runs"
+    child = subprocess.Popen([sys.executable, str(REPO / "asmae_minimal.py"), "--device", "cpu", "--model", "tiny",
+                              "--dataset", "folder", "--data-root", str(images), "--batch-size", "16",
+                              "--epochs", "1000", "--log-every", "1", "--out-dir", str(out), "--run-name", "long"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_file = out / "long" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics_file.exists() and metrics_file.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    ckpt = asmae_minimal.load_checkpoint(sorted((out / "long").glob("checkpoint_step*.pt"))[-1])
+    assert ckpt["progress"]["step"] >= 1
+    assert list((out / "long" / "recons").glob("final_recon_ep*.png"))
+
+
+def test_corrupt_truncated_and_foreign_checkpoints_exit_2(tmp_path, images, capsys):
+    summary, run_dir = run(tmp_path, images, "--epochs", "1")
+    capsys.readouterr()
+    good = Path(summary["checkpoint"])
+    cases = {"garbage.pt": os.urandom(1000), "truncated.pt": good.read_bytes()[: good.stat().st_size // 2]}
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["model"]["blocks.0.attn_proj.weight"] = torch.zeros(3, 3)
+    torch.save(ckpt, tmp_path / "foreign.pt")
+    torch.save({"not": "a checkpoint"}, tmp_path / "other.pt")
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    messages = {"garbage.pt": "corrupt, truncated", "truncated.pt": "corrupt, truncated",
+                "foreign.pt": "holds a different model", "other.pt": "not from asmae_minimal.py"}
+    for name, message in messages.items():
+        for flag in ("--resume", "--eval"):
+            with pytest.raises(SystemExit) as exit_info:
+                cli(tmp_path, flag, str(tmp_path / name), run_name=None)
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (name, flag, err)
+
+
+def test_pickled_objects_in_checkpoints_are_refused(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"model": {}, "optimizer": {}, "args": {}, "progress": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(SystemExit):
+        cli(tmp_path, "--resume", str(tmp_path / "evil.pt"), run_name=None)
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def nan_at(monkeypatch, steps):
+    """Make the loss NaN at these (1-based) optimizer steps."""
+    real_forward, count = asmae_minimal.MAE.forward, [0]
+
+    def forward(self, imgs, noise):
+        loss, pred, mask = real_forward(self, imgs, noise)
+        if self.training and torch.is_grad_enabled():
+            count[0] += 1
+            if count[0] in steps:
+                loss = loss * float("nan")
+        return loss, pred, mask
+    monkeypatch.setattr(asmae_minimal.MAE, "forward", forward)
+
+
+def test_nan_loss_is_skipped_and_counted(tmp_path, images, monkeypatch):
+    snapshots = []
+    real_step = asmae_minimal.Trainer.step
+
+    def step(self, imgs, noise, lr, number):
+        before = [p.detach().clone() for p in self.model.parameters()]
+        out = real_step(self, imgs, noise, lr, number)
+        snapshots.append((number, all(torch.equal(a, p) for a, p in zip(before, self.model.parameters()))))
+        return out
+    monkeypatch.setattr(asmae_minimal.Trainer, "step", step)
+    nan_at(monkeypatch, {3, 5})
+    _, run_dir = run(tmp_path, images, "--epochs", "2")
+    # only the NaN steps left the weights as they were (step 1 too: the warmup starts at lr = 0)
+    assert [number for number, unchanged in snapshots if unchanged] == [1, 3, 5]
+    epochs = [l for l in metrics(run_dir) if l["type"] == "epoch"]
+    assert [e["skipped_steps"] for e in epochs] == [1, 2] and all(e["loss"] == e["loss"] for e in epochs)
+
+
+def test_consecutive_nan_losses_stop_the_run(tmp_path, images, monkeypatch, capsys):
+    nan_at(monkeypatch, set(range(6, 100)))
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, images, "--epochs", "4", "--save-every", "1", "--max-bad-steps", "3")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3 and "not finite at step 6 and the 2 steps after it" in err
+    checkpoints = sorted((tmp_path / "runs" / "run").glob("checkpoint_step*.pt"))
+    assert [p.name for p in checkpoints] == ["checkpoint_step00000004.pt"]  # the last good one, intact
+    weights = asmae_minimal.load_checkpoint(checkpoints[0])["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_run_folders_never_collide(tmp_path, images, capsys):
+    run(tmp_path, images, "--epochs", "1", run_name="same")
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, images, "--epochs", "1", run_name="same")
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    run(tmp_path, images, "--epochs", "1", "--overwrite", run_name="same")
+    assert len([l for l in metrics(tmp_path / "runs" / "same") if l["type"] == "epoch"]) == 1
+    run(tmp_path, images, "--epochs", "1", run_name=None)
+    run(tmp_path, images, "--epochs", "1", run_name=None)
+    assert len([p for p in (tmp_path / "runs").iterdir() if p.name.startswith("folder-tiny")]) == 2
