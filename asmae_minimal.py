@@ -718,7 +718,7 @@ def lr_at(step: int, steps_per_epoch: int, args) -> float:
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def compile_model(model, net, device, world):
+def compile_model(net, device, world):
     """torch.compile the whole model; on one GPU with CUDA graphs (mode="reduce-overhead"),
     which remove the launch overhead of this small model's many kernels (H100, bf16, batch 512:
     68k img/s vs 22k in the default mode). DDP keeps the default mode."""
@@ -739,7 +739,7 @@ class Trainer:
         net = self.model
         if world > 1:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        self.net = compile_model(self.model, net, device, world) if args.compile else net
+        self.net = compile_model(net, device, world) if args.compile else net
         self.amp = amp_context(args)
         self.te_amp = te_backend.autocast(self.backend, self.recipe)
 

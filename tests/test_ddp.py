@@ -37,3 +37,15 @@ def test_two_ranks_match_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp", "recons", "single"]
     metrics = (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == len((tmp_path / "runs" / "single" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_emulated_nvfp4_under_ddp(tmp_path):
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=40)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(free_port()), str(REPO / "asmae_minimal.py"), "--device", "cpu",
+                          "--model", "tiny", "--dataset", "folder", "--data-root", str(data), "--precision", "nvfp4",
+                          "--batch-size", "32", "--epochs", "1", "--log-every", "1", "--out-dir", str(tmp_path / "runs"),
+                          "--run-name", "fp4"], capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    lines = (tmp_path / "runs" / "fp4" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and "nvfp4: 25 of 27 GEMM layers quantized" in ddp.stdout  # 2 steps + epoch, rank 0 only

@@ -1,5 +1,4 @@
 """Runs that survive: bitwise resume, signals, atomic checkpoints, corrupt inputs, NaN guard."""
-import json
 import os
 import signal
 import subprocess
