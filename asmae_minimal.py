@@ -170,6 +170,7 @@ def resolve_args(argv=None):
     args.compile = on_gpu if args.compile is None else args.compile
     args.batch_size = args.batch_size or (256 if on_gpu else 32)
     validate(args)
+    args.lr = args.lr or args.blr * args.batch_size / 256  # MAE's linear scaling rule (global batch)
     return args
 
 
@@ -1031,8 +1032,6 @@ class Run:
     def __init__(self, args, rank=0, world=1, ckpt=None, resume_changes=()):
         self.args, self.rank, self.world = args, rank, world
         self.device = torch.device(args.device)
-        if args.lr is None:
-            args.lr = args.blr * args.batch_size / 256
         if args.batch_size % world:
             raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
         seed_everything(seed_for(args.seed, rank))
@@ -1044,7 +1043,7 @@ class Run:
                        else TorchvisionLoader(train_ds, args, rank, world))
         torch.manual_seed(args.seed)  # the same initial weights on every rank and backend
         self.trainer = Trainer(args, self.device, rank, world)
-        seed_everything(seed_for(args.seed, rank))
+        seed_everything(seed_for(args.seed, rank))  # per-rank streams again (stochastic rounding)
         self.progress = Progress(self.device, ckpt["progress"] if ckpt else None)
         if ckpt is not None:
             self._restore(ckpt)
@@ -1122,7 +1121,8 @@ class Run:
             if p.step == 3 and "warmup_s" not in self.summary:
                 self._report_warmup()
             if p.step % args.log_every == 0:
-                check_mask(mask, len(imgs), mask.shape[1], mask.shape[1] - self.trainer.model.cfg.num_visible)
+                cfg = self.trainer.model.cfg
+                check_mask(mask, len(imgs), cfg.num_patches, cfg.num_patches - cfg.num_visible)
                 record = self._log_step(epoch, lr_at(p.step - 1, steps, args), grad_norm,
                                         interval_seen / (time.perf_counter() - interval_t0), imgs, noise)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.0f}")
@@ -1411,8 +1411,6 @@ def run_benchmark(args, warmup_steps=20):
     device = torch.device(args.device)
     if device.type != "cuda":
         raise UsageError("--benchmark measures GPU time; run it on a CUDA device")
-    if args.lr is None:
-        args.lr = args.blr * args.batch_size / 256
     seed_everything(args.seed)
     trainer = Trainer(args, device)
     cfg = trainer.model.cfg
