@@ -180,7 +180,7 @@ def validate(args):
         (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
         (0 < args.mask_ratio < 1, f"--mask-ratio must be in (0, 1), got {args.mask_ratio}"),
         (args.patch_size > 0 and args.img_size > 0, "--img-size and --patch-size must be positive"),
-        (args.img_size % args.patch_size == 0,
+        (args.patch_size <= 0 or args.img_size % args.patch_size == 0,  # positivity is reported above
          f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}"),
         (args.lr is None or args.lr > 0, f"--lr must be positive, got {args.lr}"),
         (args.blr > 0, f"--blr must be positive, got {args.blr}"),

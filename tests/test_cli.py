@@ -220,6 +220,7 @@ BAD = {
     "unknown dataset": (["--dataset", "imagenet"], "invalid choice"),
     "mask ratio": (["--mask-ratio", "1.5"], "--mask-ratio must be in (0, 1)"),
     "patch size": (["--img-size", "30"], "not divisible by --patch-size"),
+    "patch size zero": (["--patch-size", "0"], "--img-size and --patch-size must be positive"),
     "epochs": (["--epochs", "0"], "--epochs must be positive"),
     "batch": (["--batch-size", "-4"], "--batch-size must be positive"),
     "amp both": (["--amp", "--no-amp"], "not allowed with argument"),
