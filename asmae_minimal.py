@@ -410,7 +410,7 @@ class TorchvisionLoader:
         self.batch, self.local = args.batch_size, args.batch_size // world
         self.num_patches = (args.img_size // args.patch_size) ** 2
         self.device = torch.device(args.device)
-        self.stall_events = None
+        self.wait_s = 0.0  # host time blocked on the workers (the GPU has nothing queued then)
 
     def __len__(self):
         return len(self.dataset) // self.batch
@@ -423,7 +423,11 @@ class TorchvisionLoader:
             pin_memory=self.device.type == "cuda", drop_last=True,
             generator=torch.Generator().manual_seed(seed_for(self.args.seed, epoch, 1 << 20, self.rank)))
         part = slice(self.rank * self.local, (self.rank + 1) * self.local)
-        for b, (imgs, _) in enumerate(loader):
+        batches = iter(loader)
+        for b in range(len(self)):
+            t0 = time.perf_counter()
+            imgs, _ = next(batches)
+            self.wait_s += time.perf_counter() - t0
             if b < start:
                 continue
             noise = masking_noise(self.args.seed, epoch, b, self.batch, self.num_patches, part, self.device)
@@ -1422,7 +1426,8 @@ def run_benchmark(args, warmup_steps=20):
     else:
         images, _, dataset = load_images(args, train=True)
         loader = TensorLoader(images, args) if args.loader == "tensor" else TorchvisionLoader(dataset, args)
-        loader.stall_events = []
+        if args.loader == "tensor":
+            loader.stall_events = []
         batches = (b for epoch in range(10 ** 6) for b in loader.epoch(epoch))
     for line in trainer.model_lines:
         print(f"[precision] {line}")
@@ -1433,7 +1438,7 @@ def run_benchmark(args, warmup_steps=20):
     warmup_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats(device)
     if not args.benchmark_synthetic:
-        loader.stall_events.clear()
+        loader.stall_events, loader.wait_s = [], 0.0
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t0 = time.perf_counter()
     start.record()
@@ -1443,8 +1448,12 @@ def run_benchmark(args, warmup_steps=20):
     torch.cuda.synchronize(device)
     gpu_ms = start.elapsed_time(end)
     wall_ms = (time.perf_counter() - t0) * 1e3
-    events = [] if args.benchmark_synthetic else loader.stall_events
-    stall_ms = sum(a.elapsed_time(b) for a, b in zip(events[0::2], events[1::2]))
+    if args.benchmark_synthetic:
+        stall_ms = 0.0
+    elif args.loader == "tensor":  # the main stream's waits on the side stream, timed on the GPU
+        stall_ms = sum(a.elapsed_time(b) for a, b in zip(loader.stall_events[0::2], loader.stall_events[1::2]))
+    else:  # the host waits on the DataLoader workers while the GPU runs dry
+        stall_ms = loader.wait_s * 1e3
     peak_tflops = measure_bf16_peak(device)
     img_s = args.batch_size * args.benchmark / (wall_ms / 1e3)
     flops = flops_per_image(cfg)
