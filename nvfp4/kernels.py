@@ -1,22 +1,34 @@
-"""A fused Triton kernel for NVFP4 quantization on GPUs, bitwise equal to formats.quantize_nvfp4.
+"""Fused Triton kernels for NVFP4 on GPUs, bitwise equal to formats.quantize_nvfp4.
 
-One program reads a tile of the operand, computes its 1x16 (or 16x16) block amaxes, rounds the
-E4M3 block scales, scales, rounds to E2M1 (to nearest even, or stochastically from given random
-bits) and writes code * scale as bf16: one read and one write instead of inductor's dozens of
-kernels per GEMM operand (which also took minutes to compile for the whole model).
+`quantize_values`: one program reads a tile of the operand, computes its 1x16 (or 16x16) block
+amaxes, rounds the E4M3 block scales, scales, rounds to E2M1 (to nearest even, or stochastically)
+and writes code * scale as bf16: one read and one write instead of inductor's dozens of kernels
+per GEMM operand (which also took minutes to compile for the whole model). The wgrad operands'
+transposed copies RHT(X^T) are formed in the same pass from X itself (no transposed copy, no
+cuBLAS matmul with a 16x16 matrix, which that shape suits badly); `rht_amax` is their amax pass.
 
 Exactness: every step is the fp32 operation of formats.quantize_nvfp4 (IEEE division via
-div_rn; power-of-two scalings are exact), and round-to-nearest-even is the (y + 2^23) - 2^23
-identity, valid here because 0 <= y < 2^22. tests/test_kernels.py checks it bit for bit, on the
-GPU and through Triton's CPU interpreter.
+div_rn; divisions by powers of two are exact multiplications), and round-to-nearest-even is the
+(y + 2^23) - 2^23 identity, valid here because 0 <= y < 2^22. The RHT sums 16 exact products in
+fp32 with the tensor cores, as TE's own RHT kernel does; its summation order, like any GEMM's,
+is the implementation's (the reference's torch.matmul has its own). tests/test_kernels.py checks
+the kernels on the GPU and through Triton's CPU interpreter.
+
+Stochastic rounding draws its 8 bits per element in the kernel (Philox, from a seed tensor drawn
+from torch's generator), so no random tensor is materialized; `launch` also takes explicit bits,
+which is how the tests compare it with the reference bit for bit.
 """
 import torch
 import triton
 import triton.language as tl
 
+from .formats import RHT_SIGNS
+
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 RECIP_6 = tl.constexpr(0.1666666716337204)  # torch.reciprocal(6.0) in fp32, as TE's reference multiplies by it
 RNE_MAGIC = tl.constexpr(8388608.0)  # 2^23
+RHT_NEGATIVE_ROWS = tl.constexpr(sum(1 << i for i, s in enumerate(RHT_SIGNS) if s < 0))
+NO_RANDOM, RANDOM_BITS, RANDOM_SEED = 0, 1, 2  # where stochastic rounding takes its bits from
 
 
 @triton.jit
@@ -30,23 +42,58 @@ def _e2m1_step(a):
 
 
 @triton.jit
+def _e2m1_inv_step(a):
+    """1 / _e2m1_step(a), exact (a power of two): multiplying by it is the exact division."""
+    return tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
+
+
+@triton.jit
 def _round_e4m3(s):
     """Non-negative fp32 (<= 448) to the nearest E4M3 value, ties to even, subnormals at 2^-9."""
     exponent = ((s.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     exponent = tl.maximum(exponent, -6)
     quantum = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e-3): 3 mantissa bits
-    return _round_half_even(s / quantum) * quantum
+    inv_quantum = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
+    return _round_half_even(s * inv_quantum) * quantum
 
 
 @triton.jit
-def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, out_ptr, rows, cols,
-                  TILE_ROWS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _load_operand(x_ptr, r, c, rows, cols, SOURCE: tl.constexpr):
+    """The [rows, cols] operand tile at rows r, cols c, in fp32 (zeros outside). SOURCE: 0 reads x
+    itself; 1 reads x^T (x is [cols, rows]); 2 reads RHT(x^T), the 16-point transform along
+    x's rows (the token dim) in x's dtype, as TE's reference computes it."""
+    if SOURCE == 0:
+        mask = (r[:, None] < rows) & (c[None, :] < cols)
+        return tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    mask = (c[:, None] < cols) & (r[None, :] < rows)
+    xt = tl.trans(tl.load(x_ptr + c[:, None] * rows + r[None, :], mask=mask, other=0.0))  # coalesced read
+    if SOURCE == 1:
+        return xt.to(tl.float32)
+    groups = tl.reshape(xt.to(tl.float32), (r.shape[0] * c.shape[0] // 16, 16))
+    y = tl.reshape(tl.dot(groups, _hadamard16(), input_precision="ieee"), (r.shape[0], c.shape[0]))
+    if xt.dtype == tl.bfloat16:  # exact products, fp32 sums, one rounding to x's dtype
+        return _round_to_bf16(y)
+    return y.to(xt.dtype).to(tl.float32)
+
+
+@triton.jit
+def _random_bytes(seed_ptr, r, col_start, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """8 uniform random bits per element (as fp32): one 32-bit Philox draw per 4 neighbours."""
+    group = r[:, None] * (cols // 4) + (col_start // 4 + tl.arange(0, BLOCK_C // 4))[None, :]
+    draws = tl.randint(tl.load(seed_ptr), group)
+    byte = tl.arange(0, 4)[None, None, :] * 8
+    return tl.reshape((draws[:, :, None] >> byte) & 0xFF, (BLOCK_R, BLOCK_C)).to(tl.float32)
+
+
+@triton.jit
+def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, out_ptr, rows, cols, SOURCE: tl.constexpr,
+                  TILE_ROWS: tl.constexpr, RANDOM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     NB: tl.constexpr = BLOCK_C // 16
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
     offsets = r[:, None] * cols + c[None, :]
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    x = _load_operand(x_ptr, r, c, rows, cols, SOURCE)
     amax = tl.load(amax_ptr)
     # per-tensor scale (TE): 2688 / amax, at most FLT_MAX, 0 (amax = inf) -> 1
     g_enc = tl.minimum(tl.math.div_rn(tl.full([], 2688.0, tl.float32), amax), FLT_MAX,
@@ -66,35 +113,87 @@ def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, out_ptr, rows, cols,
                         propagate_nan=tl.PropagateNan.ALL)
     v = tl.clamp(blocks * encode[:, :, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
     a = tl.abs(v)
-    if STOCHASTIC:  # TE's software rounder: t = |x| + u * step(|x|), floor to the grid at t
-        bits = tl.load(bits_ptr + offsets, mask=mask, other=0).to(tl.float32)
+    if RANDOM == 0:
+        q = _round_half_even(a * _e2m1_inv_step(a)) * _e2m1_step(a)
+    else:  # TE's software rounder: t = |x| + u * step(|x|), floor to the grid at t
+        if RANDOM == 1:
+            bits = tl.load(bits_ptr + offsets, mask=mask, other=0).to(tl.float32)
+        else:
+            bits = _random_bytes(seed_ptr, r, tl.program_id(1) * BLOCK_C, cols, BLOCK_R, BLOCK_C)
         t = a + tl.reshape(bits, (BLOCK_R, NB, 16)) * (1.0 / 256.0) * _e2m1_step(a)
-        step_t = _e2m1_step(t)
-        q = tl.minimum(tl.floor(t / step_t) * step_t, 6.0)
-    else:
-        step = _e2m1_step(a)
-        q = _round_half_even(a / step) * step
+        q = tl.minimum(tl.floor(t * _e2m1_inv_step(t)) * _e2m1_step(t), 6.0)
     q = tl.where(v < 0, q * -1.0, q)  # not -q: Triton negates as 0 - q, which loses -0.0
     values = tl.reshape(q * scale[:, :, None], (BLOCK_R, BLOCK_C))
     tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch(x: torch.Tensor, amax: torch.Tensor, bits, out: torch.Tensor, tile_rows: int, launcher=None):
-    """Run the kernel over a contiguous 2D x (cols % 16 == 0); `launcher` wraps it for
-    torch.library (wrap_triton) or is the raw kernel."""
-    rows, cols = x.shape
+@triton.jit
+def _rht_amax_kernel(x_ptr, amax_ptr, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """amax_ptr (zeroed) <- max |RHT(x^T)|, NaN if any is NaN."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    a = tl.abs(_load_operand(x_ptr, r, c, rows, cols, 2))
+    has_nan = tl.sum(tl.sum((a != a).to(tl.int32), axis=1), axis=0) > 0
+    tl.atomic_max(amax_ptr, tl.where(has_nan, float("nan"), tl.max(tl.max(a, axis=1), axis=0)))
+
+
+@triton.jit
+def _round_to_bf16(y):
+    """fp32 to the nearest bf16 value, ties to even, NaN kept: the GPU's conversion, spelled out
+    because Triton's CPU interpreter truncates instead."""
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _hadamard16():
+    """TE's RHT matrix diag(signs) @ Sylvester H16 / 4; H16[i, j] = (-1)^popcount(i & j)."""
+    i = tl.arange(0, 16)[:, None]
+    both = i & tl.arange(0, 16)[None, :]
+    parity = (both ^ (both >> 1) ^ (both >> 2) ^ (both >> 3)) & 1
+    sign = 1 - 2 * ((RHT_NEGATIVE_ROWS >> i) & 1)
+    return (sign * (1 - 2 * parity)).to(tl.float32) * 0.25
+
+
+def launch(x: torch.Tensor, amax: torch.Tensor, out: torch.Tensor, tile_rows: int, source: int = 0,
+           bits=None, seed=None, launcher=None):
+    """Quantize a contiguous 2D operand into `out` ([rows, cols], cols % 16 == 0): x itself
+    (source 0), x^T (1) or RHT(x^T) (2). Rounds to nearest, or stochastically with explicit
+    uint8 `bits` (out's shape) or from an int64 `seed` tensor. `launcher` wraps the kernel for
+    torch.library (wrap_triton); default: the raw kernel."""
+    rows, cols = out.shape
     block_r, block_c = 32, 64
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
-    (launcher or _nvfp4_kernel)[grid](x, amax, x if bits is None else bits, out, rows, cols,
-                                      TILE_ROWS=tile_rows, STOCHASTIC=bits is not None,
+    random = RANDOM_BITS if bits is not None else RANDOM_SEED if seed is not None else NO_RANDOM
+    (launcher or _nvfp4_kernel)[grid](x, amax, x if bits is None else bits, x if seed is None else seed, out,
+                                      rows, cols, SOURCE=source, TILE_ROWS=tile_rows, RANDOM=random,
                                       BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return out
 
 
+def launch_rht_amax(x: torch.Tensor, amax: torch.Tensor, launcher=None):
+    """amax (fp32, zeroed) <- max |RHT(x^T)| for a contiguous 2D x with rows % 16 == 0."""
+    cols, rows = x.shape  # of the transposed operand
+    block_r, block_c = 64, 64
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    (launcher or _rht_amax_kernel)[grid](x, amax, rows, cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return amax
+
+
 @torch.library.triton_op("nvfp4::quantize_values", mutates_args=())
-def quantize_values(x: torch.Tensor, amax: torch.Tensor, bits: torch.Tensor, tile_rows: int,
+def quantize_values(x: torch.Tensor, amax: torch.Tensor, seed: torch.Tensor, source: int, tile_rows: int,
                     stochastic: bool) -> torch.Tensor:
-    """code * E4M3 scale of NVFP4(x) as bf16 (exact), x contiguous 2D with cols % 16 == 0.
-    bits: uint8 random bits of x's shape, read when stochastic."""
-    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
-    return launch(x, amax, bits if stochastic else None, out, tile_rows, torch.library.wrap_triton(_nvfp4_kernel))
+    """code * E4M3 scale of NVFP4 (exact in bf16) of x (source 0), x^T (1) or RHT(x^T) (2), for a
+    contiguous 2D x whose operand has cols % 16 == 0. seed: int64 tensor of one element, read
+    when stochastic."""
+    out = torch.empty(x.shape if source == 0 else x.shape[::-1], dtype=torch.bfloat16, device=x.device)
+    return launch(x, amax, out, tile_rows, source, seed=seed if stochastic else None,
+                  launcher=torch.library.wrap_triton(_nvfp4_kernel))
+
+
+@torch.library.triton_op("nvfp4::rht_amax", mutates_args=())
+def rht_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |RHT(x^T)| (fp32 scalar) for a contiguous 2D x with rows % 16 == 0."""
+    amax = torch.zeros((), dtype=torch.float32, device=x.device)
+    return launch_rht_amax(x, amax, launcher=torch.library.wrap_triton(_rht_amax_kernel))

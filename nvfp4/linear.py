@@ -38,24 +38,35 @@ def _operand(recipe: Recipe, role: str, t: torch.Tensor, name: str):
     if isinstance(recipe, FP8Recipe):
         q = quantize_fp8(t, torch.float8_e5m2 if role == "dy" else torch.float8_e4m3fn)
         return q.values.to(_gemm_dtype(t)), q.scale_inv
-    if role in ("xt", "dyt", "wt"):
-        t = t.t().contiguous()
-        if role != "wt" and not recipe.disable_rht:
-            t = random_hadamard_transform(t)
+    transposed = role in ("xt", "dyt", "wt")
+    rht = transposed and role != "wt" and not recipe.disable_rht
     tile_rows = 16 if role == "w" and not recipe.disable_2d_quantization else 1
     stochastic = role in ("dy", "dyt") and not recipe.disable_stochastic_rounding
-    bits = random_bits(t.shape, t.device) if stochastic else None
-    if (kernels is not None and t.is_cuda and _active_stats is None and t.shape[1] % 16 == 0
-            and t.shape[0] % tile_rows == 0):
+    if _kernel_takes(t, transposed, tile_rows):
         t = t.contiguous()
-        amax = t.abs().amax().to(torch.float32)
-        empty = torch.empty(0, dtype=torch.uint8, device=t.device)
-        values = torch.ops.nvfp4.quantize_values(t, amax, empty if bits is None else bits, tile_rows, stochastic)
-        return values, amax
+        amax = torch.ops.nvfp4.rht_amax(t) if rht else t.abs().amax().to(torch.float32)
+        seed = (torch.randint(2 ** 62, (1,), device=t.device) if stochastic
+                else torch.empty(0, dtype=torch.int64, device=t.device))
+        source = 2 if rht else 1 if transposed else 0
+        return torch.ops.nvfp4.quantize_values(t, amax, seed, source, tile_rows, stochastic), amax
+    if transposed:
+        t = t.t().contiguous()
+        if rht:
+            t = random_hadamard_transform(t)
+    bits = random_bits(t.shape, t.device) if stochastic else None
     q = quantize_nvfp4(t, tile_rows=tile_rows, stochastic=stochastic, bits=bits)
     if _active_stats is not None and role in ("x", "w", "dy"):
         _active_stats.record(name, role, t, q)
     return q.values().to(_gemm_dtype(t)), q.amax
+
+
+def _kernel_takes(t: torch.Tensor, transposed: bool, tile_rows: int) -> bool:
+    """The Triton kernels quantize CUDA operands whose blocks tile them exactly (all of them in
+    training, per the shape guards); --fp4-stats passes take the reference to see codes and scales."""
+    if kernels is None or not t.is_cuda or _active_stats is not None:
+        return False
+    rows, cols = t.shape[::-1] if transposed else t.shape
+    return cols % 16 == 0 and rows % tile_rows == 0
 
 
 def _gemm_dtype(t: torch.Tensor) -> torch.dtype:

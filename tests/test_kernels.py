@@ -1,5 +1,5 @@
-"""The fused Triton NVFP4 kernel equals the PyTorch reference bit for bit: on the GPU, and on
-the CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported)."""
+"""The fused Triton kernels against the PyTorch reference (bit for bit) and float64: on the GPU,
+and on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported)."""
 import os
 import subprocess
 import sys
@@ -12,7 +12,7 @@ CHECK = r"""
 import sys, torch
 sys.path.insert(0, {repo!r})
 from nvfp4 import kernels
-from nvfp4.formats import quantize_nvfp4, random_bits
+from nvfp4.formats import hadamard_matrix, quantize_nvfp4, random_bits, random_hadamard_transform
 device = {device!r}
 g = torch.Generator(device).manual_seed(0)
 cases = 0
@@ -29,7 +29,7 @@ for dtype in (torch.float32, torch.bfloat16):
                 bits = random_bits(x.shape, device, g) if stochastic else None
                 ref = quantize_nvfp4(x, tile_rows=tile, stochastic=stochastic, bits=bits)
                 out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
-                kernels.launch(x, ref.amax.reshape(1), bits, out, tile)
+                kernels.launch(x, ref.amax.reshape(1), out, tile, bits=bits)
                 expected = ref.values()
                 same = torch.equal(out.float().view(torch.int32), expected.view(torch.int32))
                 assert same, (dtype, tile, rows, cols, stochastic, (out.float() != expected).sum().item())
@@ -39,10 +39,64 @@ for special in (float("inf"), float("nan")):
     x[3, 7] = special
     ref = quantize_nvfp4(x)
     out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
-    kernels.launch(x, ref.amax.reshape(1), None, out, 1)
+    kernels.launch(x, ref.amax.reshape(1), out, 1)
     assert torch.equal(out.float().isnan(), ref.values().isnan())
     assert torch.equal(out.float().nan_to_num(), ref.values().nan_to_num())
 print("bitwise", cases)
+
+# transposed operands, read from x itself: x^T bit for bit; RHT(x^T) with its 16 exact
+# products summed in fp32 (bf16: then rounded once, as torch's matmul does), amax included
+rht_cases = 0
+for dtype in (torch.float32, torch.bfloat16):
+    for rows, cols in ((64, 128), (48, 80), (16, 40), (160, 16)):
+        x = (torch.randn(rows, cols, generator=g, device=device) * torch.logspace(-3, 3, cols, device=device)).to(dtype)
+        for source in (1, 2):
+            xt = x.t().contiguous()
+            if source == 2:
+                xt = random_hadamard_transform(xt)
+                amax = torch.zeros((), device=device)
+                kernels.launch_rht_amax(x, amax)
+                terms = x.t().double().reshape(-1, 16, 1) * hadamard_matrix(device, torch.float64)
+                exact = terms.sum(1).abs().max()
+                assert (amax.double() - exact).abs() <= exact * 2.0 ** -8 + 16 * 2.0 ** -24 * terms.abs().sum(1).max()
+                if dtype == torch.bfloat16:
+                    assert torch.equal(amax, xt.abs().amax().float())
+            for stochastic in (False, True):
+                bits = random_bits(xt.shape, device, g) if stochastic else None
+                ref = quantize_nvfp4(xt, stochastic=stochastic, bits=bits)
+                out = torch.empty(xt.shape, dtype=torch.bfloat16, device=device)
+                kernels.launch(x, ref.amax.reshape(1), out, 1, source, bits=bits)
+                same = (out.float() == ref.values()).float().mean().item()
+                need = 1.0 if source == 1 else 0.999 if dtype == torch.bfloat16 else 0.99
+                assert same >= need, (dtype, rows, cols, source, stochastic, same)
+                rht_cases += 1
+print("transposed", rht_cases)
+
+# stochastic rounding from an in-kernel seed: only the two neighbours (the reference with all
+# bits 0 or 255), the same seed gives the same values, and the mean over seeds is x's value
+x = torch.randn(32, 64, generator=g, device=device)
+ref = quantize_nvfp4(x)
+neighbours = [quantize_nvfp4(x, stochastic=True, bits=torch.full(x.shape, b, dtype=torch.uint8, device=device)).values()
+              for b in (0, 255)]
+runs = []
+for seed in range(64):
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
+    kernels.launch(x, ref.amax.reshape(1), out, 1, seed=torch.tensor([seed], device=device))
+    runs.append(out.float())
+    assert ((runs[-1] == neighbours[0]) | (runs[-1] == neighbours[1])).all()
+again = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
+kernels.launch(x, ref.amax.reshape(1), again, 1, seed=torch.tensor([63], device=device))
+assert torch.equal(again.float(), runs[-1]) and not torch.equal(runs[0], runs[1])
+target = x.double() * 2688 / ref.amax.double()  # what code * scale approximates
+gap = neighbours[1].double() - neighbours[0].double()
+err = ((torch.stack(runs).double().mean(0) - target) / gap.clamp_min(1e-30))[gap > 0]
+assert err.abs().mean() < 0.1, err.abs().mean().item()  # round to nearest: ~0.25
+up = torch.stack([(run == neighbours[1]).double() for run in runs])  # each element its own draw:
+up = up - up.mean(0)
+both = ((gap[:, :-1] > 0) & (gap[:, 1:] > 0))                           # neighbours round independently
+corr = torch.nn.functional.cosine_similarity(up[:, :, :-1], up[:, :, 1:], dim=0, eps=1e-12)[both]
+assert corr.mean().abs() < 0.1, corr.mean().item()
+print("seeded sr ok", round(err.abs().mean().item(), 3), round(corr.mean().item(), 3))
 """
 
 
@@ -52,7 +106,8 @@ def test_kernel_bitwise_in_triton_interpreter():
     result = subprocess.run([sys.executable, "-c", CHECK.format(repo=str(REPO), device="cpu")],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "bitwise 28" in result.stdout
+    assert "bitwise 28" in result.stdout and "transposed 32" in result.stdout
+    assert "seeded sr ok" in result.stdout
 
 
 @requires_cuda
@@ -60,4 +115,5 @@ def test_kernel_bitwise_on_gpu():
     result = subprocess.run([sys.executable, "-c", CHECK.format(repo=str(REPO), device="cuda")],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "bitwise 28" in result.stdout
+    assert "bitwise 28" in result.stdout and "transposed 32" in result.stdout
+    assert "seeded sr ok" in result.stdout
