@@ -3,9 +3,10 @@
 `quantize_values`: one program reads a tile of the operand, computes its 1x16 (or 16x16) block
 amaxes, rounds the E4M3 block scales, scales, rounds to E2M1 (to nearest even, or stochastically)
 and writes code * scale as bf16: one read and one write instead of inductor's dozens of kernels
-per GEMM operand (which also took minutes to compile for the whole model). The wgrad operands'
-transposed copies RHT(X^T) are formed in the same pass from X itself (no transposed copy, no
-cuBLAS matmul with a 16x16 matrix, which that shape suits badly); `rht_amax` is their amax pass.
+per GEMM operand (which also took minutes to compile for the whole model). The wgrad operands
+RHT(X^T) are quantized columnwise in X's own layout (blocks of 16 down a column, the RHT a 16x16
+dot per 16-row group) and the GEMM reads the transposed view: no transposed copy, no cuBLAS
+matmul with a 16x16 matrix (a shape it suits badly). `rht_amax` is their amax pass.
 
 Exactness: every step is the fp32 operation of formats.quantize_nvfp4 (IEEE division via
 div_rn; divisions by powers of two are exact multiplications), and round-to-nearest-even is the
@@ -58,60 +59,64 @@ def _round_e4m3(s):
 
 
 @triton.jit
-def _load_operand(x_ptr, r, c, rows, cols, SOURCE: tl.constexpr):
-    """The [rows, cols] operand tile at rows r, cols c, in fp32 (zeros outside). SOURCE: 0 reads x
-    itself; 1 reads x^T (x is [cols, rows]); 2 reads RHT(x^T), the 16-point transform along
-    x's rows (the token dim) in x's dtype, as TE's reference computes it."""
-    if SOURCE == 0:
-        mask = (r[:, None] < rows) & (c[None, :] < cols)
-        return tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    mask = (c[:, None] < cols) & (r[None, :] < rows)
-    xt = tl.trans(tl.load(x_ptr + c[:, None] * rows + r[None, :], mask=mask, other=0.0))  # coalesced read
-    if SOURCE == 1:
-        return xt.to(tl.float32)
-    groups = tl.reshape(xt.to(tl.float32), (r.shape[0] * c.shape[0] // 16, 16))
-    y = tl.reshape(tl.dot(groups, _hadamard16(), input_precision="ieee"), (r.shape[0], c.shape[0]))
-    if xt.dtype == tl.bfloat16:  # exact products, fp32 sums, one rounding to x's dtype
+def _rht_columns(x, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IN_DTYPE: tl.constexpr):
+    """The 16-point RHT down each column of every 16-row group of an fp32 tile ([BLOCK_R // 16,
+    16, BLOCK_C]), i.e. along the rows of x^T: exact products, fp32 sums, one rounding to the
+    input's dtype, as TE's reference transforms in x's dtype."""
+    groups = tl.reshape(x, (BLOCK_R // 16, 16, BLOCK_C))
+    h_t = tl.broadcast_to(tl.trans(_hadamard16())[None, :, :], (BLOCK_R // 16, 16, 16))
+    y = tl.dot(h_t, groups, input_precision="ieee")
+    if IN_DTYPE == tl.bfloat16:
         return _round_to_bf16(y)
-    return y.to(xt.dtype).to(tl.float32)
+    return y.to(IN_DTYPE).to(tl.float32)
 
 
 @triton.jit
-def _random_bytes(seed_ptr, r, col_start, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _random_bytes(seed_ptr, offsets, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """8 uniform random bits per element (as fp32): one 32-bit Philox draw per 4 neighbours."""
-    group = r[:, None] * (cols // 4) + (col_start // 4 + tl.arange(0, BLOCK_C // 4))[None, :]
-    draws = tl.randint(tl.load(seed_ptr), group)
+    group = tl.reshape(offsets // 4, (BLOCK_R, BLOCK_C // 4, 4))
+    draws = tl.randint(tl.load(seed_ptr), tl.min(group, axis=2))
     byte = tl.arange(0, 4)[None, None, :] * 8
     return tl.reshape((draws[:, :, None] >> byte) & 0xFF, (BLOCK_R, BLOCK_C)).to(tl.float32)
 
 
 @triton.jit
-def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, out_ptr, rows, cols, SOURCE: tl.constexpr,
-                  TILE_ROWS: tl.constexpr, RANDOM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    NB: tl.constexpr = BLOCK_C // 16
+def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, out_ptr, rows, cols, COLUMNWISE: tl.constexpr,
+                  RHT: tl.constexpr, TILE_ROWS: tl.constexpr, RANDOM: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
     offsets = r[:, None] * cols + c[None, :]
-    x = _load_operand(x_ptr, r, c, rows, cols, SOURCE)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    # blocks: 16 consecutive elements of a row (1x16, 16x16 tiles) or, COLUMNWISE, of a column,
+    # which are the 1x16 blocks of x^T quantized in place (the GEMM reads the transposed view)
+    if COLUMNWISE:
+        if RHT:
+            blocks = _rht_columns(x.to(tl.float32), BLOCK_R, BLOCK_C, x.dtype)
+        else:
+            blocks = tl.reshape(x.to(tl.float32), (BLOCK_R // 16, 16, BLOCK_C))
+        block_amax = tl.max(tl.abs(blocks), axis=1)[:, None, :]
+    else:
+        blocks = tl.reshape(x.to(tl.float32), (BLOCK_R, BLOCK_C // 16, 16))
+        block_amax = tl.max(tl.abs(blocks), axis=2)
+        if TILE_ROWS == 16:  # 16x16 tiles: the amax over 16 rows, repeated on each row
+            tile_amax = tl.max(tl.reshape(block_amax, (BLOCK_R // 16, 16, BLOCK_C // 16)), axis=1)
+            block_amax = tl.reshape(tl.broadcast_to(tile_amax[:, None, :], (BLOCK_R // 16, 16, BLOCK_C // 16)),
+                                    (BLOCK_R, BLOCK_C // 16))
+        block_amax = block_amax[:, :, None]
     amax = tl.load(amax_ptr)
     # per-tensor scale (TE): 2688 / amax, at most FLT_MAX, 0 (amax = inf) -> 1
     g_enc = tl.minimum(tl.math.div_rn(tl.full([], 2688.0, tl.float32), amax), FLT_MAX,
                        propagate_nan=tl.PropagateNan.ALL)
     g_enc = tl.where(g_enc == 0.0, 1.0, g_enc)
     g_dec = tl.math.div_rn(tl.full([], 1.0, tl.float32), g_enc)
-    multiplier = g_enc * RECIP_6
-    blocks = tl.reshape(x, (BLOCK_R, NB, 16))
-    block_amax = tl.max(tl.abs(blocks), axis=2)
-    if TILE_ROWS == 16:  # 16x16 tiles: the amax over 16 rows, repeated on each row
-        tile_amax = tl.max(tl.reshape(block_amax, (BLOCK_R // 16, 16, NB)), axis=1)
-        block_amax = tl.reshape(tl.broadcast_to(tile_amax[:, None, :], (BLOCK_R // 16, 16, NB)), (BLOCK_R, NB))
-    decode = tl.minimum(block_amax * multiplier, FLT_MAX, propagate_nan=tl.PropagateNan.ALL)
+    decode = tl.minimum(block_amax * (g_enc * RECIP_6), FLT_MAX, propagate_nan=tl.PropagateNan.ALL)
     decode = tl.clamp(decode, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
     scale = _round_e4m3(decode)
     encode = tl.minimum(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale * g_dec), FLT_MAX,
                         propagate_nan=tl.PropagateNan.ALL)
-    v = tl.clamp(blocks * encode[:, :, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
+    v = tl.clamp(blocks * encode, -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
     a = tl.abs(v)
     if RANDOM == 0:
         q = _round_half_even(a * _e2m1_inv_step(a)) * _e2m1_step(a)
@@ -119,11 +124,11 @@ def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, out_ptr, rows, cols, SOUR
         if RANDOM == 1:
             bits = tl.load(bits_ptr + offsets, mask=mask, other=0).to(tl.float32)
         else:
-            bits = _random_bytes(seed_ptr, r, tl.program_id(1) * BLOCK_C, cols, BLOCK_R, BLOCK_C)
-        t = a + tl.reshape(bits, (BLOCK_R, NB, 16)) * (1.0 / 256.0) * _e2m1_step(a)
+            bits = _random_bytes(seed_ptr, offsets, BLOCK_R, BLOCK_C)
+        t = a + tl.reshape(bits, v.shape) * (1.0 / 256.0) * _e2m1_step(a)
         q = tl.minimum(tl.floor(t * _e2m1_inv_step(t)) * _e2m1_step(t), 6.0)
     q = tl.where(v < 0, q * -1.0, q)  # not -q: Triton negates as 0 - q, which loses -0.0
-    values = tl.reshape(q * scale[:, :, None], (BLOCK_R, BLOCK_C))
+    values = tl.reshape(q * scale, (BLOCK_R, BLOCK_C))
     tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -132,9 +137,11 @@ def _rht_amax_kernel(x_ptr, amax_ptr, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C
     """amax_ptr (zeroed) <- max |RHT(x^T)|, NaN if any is NaN."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    a = tl.abs(_load_operand(x_ptr, r, c, rows, cols, 2))
-    has_nan = tl.sum(tl.sum((a != a).to(tl.int32), axis=1), axis=0) > 0
-    tl.atomic_max(amax_ptr, tl.where(has_nan, float("nan"), tl.max(tl.max(a, axis=1), axis=0)))
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0)
+    a = tl.abs(_rht_columns(x.to(tl.float32), BLOCK_R, BLOCK_C, x.dtype))
+    has_nan = tl.sum(tl.sum(tl.sum((a != a).to(tl.int32), axis=2), axis=1), axis=0) > 0
+    tl.atomic_max(amax_ptr, tl.where(has_nan, float("nan"), tl.max(tl.max(tl.max(a, axis=2), axis=1), axis=0)))
 
 
 @triton.jit
@@ -156,39 +163,38 @@ def _hadamard16():
     return (sign * (1 - 2 * parity)).to(tl.float32) * 0.25
 
 
-def launch(x: torch.Tensor, amax: torch.Tensor, out: torch.Tensor, tile_rows: int, source: int = 0,
-           bits=None, seed=None, launcher=None):
-    """Quantize a contiguous 2D operand into `out` ([rows, cols], cols % 16 == 0): x itself
-    (source 0), x^T (1) or RHT(x^T) (2). Rounds to nearest, or stochastically with explicit
-    uint8 `bits` (out's shape) or from an int64 `seed` tensor. `launcher` wraps the kernel for
-    torch.library (wrap_triton); default: the raw kernel."""
-    rows, cols = out.shape
+def launch(x: torch.Tensor, amax: torch.Tensor, out: torch.Tensor, tile_rows: int = 1, columnwise: bool = False,
+           rht: bool = False, bits=None, seed=None, launcher=None):
+    """Quantize a contiguous 2D x (cols % 16 == 0; columnwise: rows % 16 == 0) into `out`, in
+    x's layout. Columnwise quantizes x^T (RHT(x^T) with rht) in place: out^T is the operand.
+    Rounds to nearest, or stochastically with explicit uint8 `bits` (x's shape) or from an int64
+    `seed` tensor. `launcher` wraps the kernel for torch.library; default: the raw kernel."""
+    rows, cols = x.shape
     block_r, block_c = 32, 64
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     random = RANDOM_BITS if bits is not None else RANDOM_SEED if seed is not None else NO_RANDOM
     (launcher or _nvfp4_kernel)[grid](x, amax, x if bits is None else bits, x if seed is None else seed, out,
-                                      rows, cols, SOURCE=source, TILE_ROWS=tile_rows, RANDOM=random,
-                                      BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+                                      rows, cols, COLUMNWISE=columnwise, RHT=rht, TILE_ROWS=tile_rows,
+                                      RANDOM=random, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return out
 
 
 def launch_rht_amax(x: torch.Tensor, amax: torch.Tensor, launcher=None):
     """amax (fp32, zeroed) <- max |RHT(x^T)| for a contiguous 2D x with rows % 16 == 0."""
-    cols, rows = x.shape  # of the transposed operand
-    block_r, block_c = 64, 64
+    rows, cols = x.shape
+    block_r, block_c = 32, 64
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     (launcher or _rht_amax_kernel)[grid](x, amax, rows, cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return amax
 
 
 @torch.library.triton_op("nvfp4::quantize_values", mutates_args=())
-def quantize_values(x: torch.Tensor, amax: torch.Tensor, seed: torch.Tensor, source: int, tile_rows: int,
-                    stochastic: bool) -> torch.Tensor:
-    """code * E4M3 scale of NVFP4 (exact in bf16) of x (source 0), x^T (1) or RHT(x^T) (2), for a
-    contiguous 2D x whose operand has cols % 16 == 0. seed: int64 tensor of one element, read
-    when stochastic."""
-    out = torch.empty(x.shape if source == 0 else x.shape[::-1], dtype=torch.bfloat16, device=x.device)
-    return launch(x, amax, out, tile_rows, source, seed=seed if stochastic else None,
+def quantize_values(x: torch.Tensor, amax: torch.Tensor, seed: torch.Tensor, tile_rows: int, columnwise: bool,
+                    rht: bool, stochastic: bool) -> torch.Tensor:
+    """code * E4M3 scale (exact in bf16) of NVFP4(x), or columnwise of x^T / RHT(x^T) stored in
+    x's layout, for a contiguous 2D x. seed: int64 tensor of one element, read when stochastic."""
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    return launch(x, amax, out, tile_rows, columnwise, rht, seed=seed if stochastic else None,
                   launcher=torch.library.wrap_triton(_nvfp4_kernel))
 
 

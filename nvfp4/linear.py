@@ -42,13 +42,13 @@ def _operand(recipe: Recipe, role: str, t: torch.Tensor, name: str):
     rht = transposed and role != "wt" and not recipe.disable_rht
     tile_rows = 16 if role == "w" and not recipe.disable_2d_quantization else 1
     stochastic = role in ("dy", "dyt") and not recipe.disable_stochastic_rounding
-    if _kernel_takes(t, transposed, tile_rows):
+    if _kernel_takes(t, transposed, tile_rows):  # transposed copies: quantized in t's layout, read as a view
         t = t.contiguous()
         amax = torch.ops.nvfp4.rht_amax(t) if rht else t.abs().amax().to(torch.float32)
         seed = (torch.randint(2 ** 62, (1,), device=t.device) if stochastic
                 else torch.empty(0, dtype=torch.int64, device=t.device))
-        source = 2 if rht else 1 if transposed else 0
-        return torch.ops.nvfp4.quantize_values(t, amax, seed, source, tile_rows, stochastic), amax
+        values = torch.ops.nvfp4.quantize_values(t, amax, seed, tile_rows, transposed, rht, stochastic)
+        return (values.t() if transposed else values), amax
     if transposed:
         t = t.t().contiguous()
         if rht:
@@ -65,8 +65,8 @@ def _kernel_takes(t: torch.Tensor, transposed: bool, tile_rows: int) -> bool:
     training, per the shape guards); --fp4-stats passes take the reference to see codes and scales."""
     if kernels is None or not t.is_cuda or _active_stats is not None:
         return False
-    rows, cols = t.shape[::-1] if transposed else t.shape
-    return cols % 16 == 0 and rows % tile_rows == 0
+    rows, cols = t.shape
+    return rows % 16 == 0 if transposed else cols % 16 == 0 and rows % tile_rows == 0
 
 
 def _gemm_dtype(t: torch.Tensor) -> torch.dtype:

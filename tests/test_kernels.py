@@ -44,15 +44,15 @@ for special in (float("inf"), float("nan")):
     assert torch.equal(out.float().nan_to_num(), ref.values().nan_to_num())
 print("bitwise", cases)
 
-# transposed operands, read from x itself: x^T bit for bit; RHT(x^T) with its 16 exact
-# products summed in fp32 (bf16: then rounded once, as torch's matmul does), amax included
+# columnwise: x^T quantized in x's layout, bit for bit; RHT(x^T) with its 16 exact products
+# summed in fp32 (bf16: then rounded once, as torch's matmul does), amax included
 rht_cases = 0
 for dtype in (torch.float32, torch.bfloat16):
     for rows, cols in ((64, 128), (48, 80), (16, 40), (160, 16)):
         x = (torch.randn(rows, cols, generator=g, device=device) * torch.logspace(-3, 3, cols, device=device)).to(dtype)
-        for source in (1, 2):
+        for rht in (False, True):
             xt = x.t().contiguous()
-            if source == 2:
+            if rht:
                 xt = random_hadamard_transform(xt)
                 amax = torch.zeros((), device=device)
                 kernels.launch_rht_amax(x, amax)
@@ -64,11 +64,12 @@ for dtype in (torch.float32, torch.bfloat16):
             for stochastic in (False, True):
                 bits = random_bits(xt.shape, device, g) if stochastic else None
                 ref = quantize_nvfp4(xt, stochastic=stochastic, bits=bits)
-                out = torch.empty(xt.shape, dtype=torch.bfloat16, device=device)
-                kernels.launch(x, ref.amax.reshape(1), out, 1, source, bits=bits)
-                same = (out.float() == ref.values()).float().mean().item()
-                need = 1.0 if source == 1 else 0.999 if dtype == torch.bfloat16 else 0.99
-                assert same >= need, (dtype, rows, cols, source, stochastic, same)
+                out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
+                kernels.launch(x, ref.amax.reshape(1), out, 1, columnwise=True, rht=rht,
+                               bits=None if bits is None else bits.t().contiguous())
+                same = (out.t().float() == ref.values()).float().mean().item()
+                need = 1.0 if not rht else 0.999 if dtype == torch.bfloat16 else 0.99
+                assert same >= need, (dtype, rows, cols, rht, stochastic, same)
                 rht_cases += 1
 print("transposed", rht_cases)
 
