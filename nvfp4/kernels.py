@@ -11,8 +11,8 @@ matmul with a 16x16 matrix (a shape it suits badly). `rht_amax` is their amax pa
 Exactness: every step is the fp32 operation of formats.quantize_nvfp4 (IEEE division via
 div_rn; divisions by powers of two are exact multiplications), and round-to-nearest-even is the
 (y + 2^23) - 2^23 identity, valid here because 0 <= y < 2^22. The RHT sums 16 exact products in
-fp32 with the tensor cores, as TE's own RHT kernel does; its summation order, like any GEMM's,
-is the implementation's (the reference's torch.matmul has its own). tests/test_kernels.py checks
+fp32 (an IEEE fp32 dot), as TE's own RHT kernel does on tensor cores; its summation order, like
+any GEMM's, is the implementation's (the reference's torch.matmul has its own). tests/test_kernels.py checks
 the kernels on the GPU and through Triton's CPU interpreter.
 
 Stochastic rounding draws its 8 bits per element in the kernel (Philox, from a seed tensor drawn
@@ -29,7 +29,8 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)
 RECIP_6 = tl.constexpr(0.1666666716337204)  # torch.reciprocal(6.0) in fp32, as TE's reference multiplies by it
 RNE_MAGIC = tl.constexpr(8388608.0)  # 2^23
 RHT_NEGATIVE_ROWS = tl.constexpr(sum(1 << i for i, s in enumerate(RHT_SIGNS) if s < 0))
-NO_RANDOM, RANDOM_BITS, RANDOM_SEED = 0, 1, 2  # where stochastic rounding takes its bits from
+# where stochastic rounding takes its bits from: none (round to nearest), a bits tensor, a seed
+NO_RANDOM, RANDOM_BITS, RANDOM_SEED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -56,6 +57,25 @@ def _round_e4m3(s):
     quantum = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e-3): 3 mantissa bits
     inv_quantum = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
     return _round_half_even(s * inv_quantum) * quantum
+
+
+@triton.jit
+def _round_to_bf16(y):
+    """fp32 to the nearest bf16 value, ties to even, NaN kept: the GPU's conversion, spelled out
+    because Triton's CPU interpreter truncates instead."""
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _hadamard16():
+    """TE's RHT matrix diag(signs) @ Sylvester H16 / 4; H16[i, j] = (-1)^popcount(i & j)."""
+    i = tl.arange(0, 16)[:, None]
+    both = i & tl.arange(0, 16)[None, :]
+    parity = (both ^ (both >> 1) ^ (both >> 2) ^ (both >> 3)) & 1
+    sign = 1 - 2 * ((RHT_NEGATIVE_ROWS >> i) & 1)
+    return (sign * (1 - 2 * parity)).to(tl.float32) * 0.25
 
 
 @triton.jit
@@ -118,10 +138,10 @@ def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, out_ptr, rows, cols, COLU
                         propagate_nan=tl.PropagateNan.ALL)
     v = tl.clamp(blocks * encode, -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
     a = tl.abs(v)
-    if RANDOM == 0:
+    if RANDOM == NO_RANDOM:
         q = _round_half_even(a * _e2m1_inv_step(a)) * _e2m1_step(a)
     else:  # TE's software rounder: t = |x| + u * step(|x|), floor to the grid at t
-        if RANDOM == 1:
+        if RANDOM == RANDOM_BITS:
             bits = tl.load(bits_ptr + offsets, mask=mask, other=0).to(tl.float32)
         else:
             bits = _random_bytes(seed_ptr, offsets, BLOCK_R, BLOCK_C)
@@ -140,27 +160,9 @@ def _rht_amax_kernel(x_ptr, amax_ptr, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C
     mask = (r[:, None] < rows) & (c[None, :] < cols)
     x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0)
     a = tl.abs(_rht_columns(x.to(tl.float32), BLOCK_R, BLOCK_C, x.dtype))
-    has_nan = tl.sum(tl.sum(tl.sum((a != a).to(tl.int32), axis=2), axis=1), axis=0) > 0
-    tl.atomic_max(amax_ptr, tl.where(has_nan, float("nan"), tl.max(tl.max(tl.max(a, axis=2), axis=1), axis=0)))
-
-
-@triton.jit
-def _round_to_bf16(y):
-    """fp32 to the nearest bf16 value, ties to even, NaN kept: the GPU's conversion, spelled out
-    because Triton's CPU interpreter truncates instead."""
-    bits = y.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _hadamard16():
-    """TE's RHT matrix diag(signs) @ Sylvester H16 / 4; H16[i, j] = (-1)^popcount(i & j)."""
-    i = tl.arange(0, 16)[:, None]
-    both = i & tl.arange(0, 16)[None, :]
-    parity = (both ^ (both >> 1) ^ (both >> 2) ^ (both >> 3)) & 1
-    sign = 1 - 2 * ((RHT_NEGATIVE_ROWS >> i) & 1)
-    return (sign * (1 - 2 * parity)).to(tl.float32) * 0.25
+    a = tl.reshape(a, (BLOCK_R * BLOCK_C,))
+    has_nan = tl.sum((a != a).to(tl.int32), axis=0) > 0
+    tl.atomic_max(amax_ptr, tl.where(has_nan, float("nan"), tl.max(a, axis=0)))
 
 
 def launch(x: torch.Tensor, amax: torch.Tensor, out: torch.Tensor, tile_rows: int = 1, columnwise: bool = False,
@@ -172,7 +174,7 @@ def launch(x: torch.Tensor, amax: torch.Tensor, out: torch.Tensor, tile_rows: in
     rows, cols = x.shape
     block_r, block_c = 32, 64
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
-    random = RANDOM_BITS if bits is not None else RANDOM_SEED if seed is not None else NO_RANDOM
+    random = (RANDOM_BITS if bits is not None else RANDOM_SEED if seed is not None else NO_RANDOM).value
     (launcher or _nvfp4_kernel)[grid](x, amax, x if bits is None else bits, x if seed is None else seed, out,
                                       rows, cols, COLUMNWISE=columnwise, RHT=rht, TILE_ROWS=tile_rows,
                                       RANDOM=random, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
