@@ -1,23 +1,24 @@
 """Fused Triton kernels for NVFP4 on GPUs, bitwise equal to formats.quantize_nvfp4.
 
-`quantize_values`: one program reads a tile of the operand, computes its 1x16 (or 16x16) block
-amaxes, rounds the E4M3 block scales, scales, rounds to E2M1 (to nearest even, or stochastically)
-and writes code * scale as bf16: one read and one write instead of inductor's dozens of kernels
-per GEMM operand (which also took minutes to compile for the whole model). The wgrad operands
-RHT(X^T) are quantized columnwise in X's own layout (blocks of 16 down a column, the RHT a 16x16
-dot per 16-row group) and the GEMM reads the transposed view: no transposed copy, no cuBLAS
-matmul with a 16x16 matrix (a shape it suits badly). `rht_amax` is their amax pass.
+A GEMM operand is quantized in two reads. `amax` reads it once for both global amaxes (of the
+operand, and of RHT(operand^T) for the wgrad copy). `quantize` reads each [16, 128] tile once,
+computes its 1x16 (or 16x16) block amaxes, rounds the E4M3 block scales, scales, rounds to
+E2M1 (to nearest even, or stochastically) and writes code * scale as bf16 for up to two copies:
+rowwise, and columnwise, where blocks run 16 down a column, i.e. the 1x16 blocks of the
+transpose (RHT: a 16x16 dot with the tile), written in the operand's own layout so the GEMM
+reads a transposed view: no transposed copy, no cuBLAS matmul with a 16x16 matrix.
 
 Exactness: every step is the fp32 operation of formats.quantize_nvfp4 (IEEE division via
 div_rn; divisions by powers of two are exact multiplications), and round-to-nearest-even is the
 (y + 2^23) - 2^23 identity, valid here because 0 <= y < 2^22. The RHT sums 16 exact products in
-fp32 (an IEEE fp32 dot), as TE's own RHT kernel does on tensor cores; its summation order, like
-any GEMM's, is the implementation's (the reference's torch.matmul has its own). tests/test_kernels.py checks
-the kernels on the GPU and through Triton's CPU interpreter.
+fp32, as TE's own RHT kernel does on tensor cores; its summation order, like any GEMM's, is the
+implementation's (the reference's torch.matmul has its own). tests/test_kernels.py checks the
+kernels on the GPU and through Triton's CPU interpreter.
 
 Stochastic rounding draws its 8 bits per element in the kernel (Philox, from a seed tensor drawn
-from torch's generator), so no random tensor is materialized; `launch` also takes explicit bits,
-which is how the tests compare it with the reference bit for bit.
+from torch's generator; the columnwise copy from seed + 1), so no random tensor is
+materialized; `launch` also takes explicit bits, which is how the tests compare it with the
+reference bit for bit.
 """
 import torch
 import triton
@@ -69,63 +70,47 @@ def _round_to_bf16(y):
 
 
 @triton.jit
-def _hadamard16():
-    """TE's RHT matrix diag(signs) @ Sylvester H16 / 4; H16[i, j] = (-1)^popcount(i & j)."""
+def _hadamard16_t():
+    """The transpose of TE's RHT matrix diag(signs) @ Sylvester H16 / 4, where
+    H16[i, j] = (-1)^popcount(i & j): entry [i, j] = signs[j] (-1)^popcount(i & j) / 4."""
     i = tl.arange(0, 16)[:, None]
-    both = i & tl.arange(0, 16)[None, :]
+    j = tl.arange(0, 16)[None, :]
+    both = i & j
     parity = (both ^ (both >> 1) ^ (both >> 2) ^ (both >> 3)) & 1
-    sign = 1 - 2 * ((RHT_NEGATIVE_ROWS >> i) & 1)
+    sign = 1 - 2 * ((RHT_NEGATIVE_ROWS >> j) & 1)
     return (sign * (1 - 2 * parity)).to(tl.float32) * 0.25
 
 
 @triton.jit
-def _rht_columns(x, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IN_DTYPE: tl.constexpr):
-    """The 16-point RHT down each column of every 16-row group of an fp32 tile ([BLOCK_R // 16,
-    16, BLOCK_C]), i.e. along the rows of x^T: exact products, fp32 sums, one rounding to the
-    input's dtype, as TE's reference transforms in x's dtype."""
-    groups = tl.reshape(x, (BLOCK_R // 16, 16, BLOCK_C))
-    h_t = tl.broadcast_to(tl.trans(_hadamard16())[None, :, :], (BLOCK_R // 16, 16, 16))
-    y = tl.dot(h_t, groups, input_precision="ieee")
-    if IN_DTYPE == tl.bfloat16:
+def _rht_columns(x):
+    """The 16-point RHT down each column of a [16, C] tile (along the rows of x^T), in x's dtype:
+    exact products summed in fp32 (tf32 tensor cores for 16-bit inputs, IEEE FMAs for fp32), rounded
+    once to x's dtype, as TE's reference transforms in x's dtype. Returns fp32."""
+    if x.dtype == tl.float32:
+        y = tl.dot(_hadamard16_t(), x, input_precision="ieee")
+    else:  # 16-bit values and +-1/4 are exact in tf32
+        y = tl.dot(_hadamard16_t(), x.to(tl.float32), input_precision="tf32")
+    if x.dtype == tl.bfloat16:
         return _round_to_bf16(y)
-    return y.to(IN_DTYPE).to(tl.float32)
+    return y.to(x.dtype).to(tl.float32)
 
 
 @triton.jit
-def _random_bytes(seed_ptr, offsets, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """8 uniform random bits per element (as fp32): one 32-bit Philox draw per 4 neighbours."""
-    group = tl.reshape(offsets // 4, (BLOCK_R, BLOCK_C // 4, 4))
-    draws = tl.randint(tl.load(seed_ptr), tl.min(group, axis=2))
-    byte = tl.arange(0, 4)[None, None, :] * 8
-    return tl.reshape((draws[:, :, None] >> byte) & 0xFF, (BLOCK_R, BLOCK_C)).to(tl.float32)
+def _random_bytes(seed, r, c0, cols, BLOCK_C: tl.constexpr):
+    """8 uniform random bits per element (as fp32) of the [16, BLOCK_C] tile at rows r, columns
+    c0...: one Philox call (4 x 32 bits) per 16 neighbours in a row, counted by their index."""
+    counter = (r[:, None] * cols + c0 + tl.arange(0, BLOCK_C // 16)[None, :] * 16) // 16
+    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+    words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (16, BLOCK_C // 16, 4))
+    byte = tl.arange(0, 4)[None, None, None, :] * 8
+    return tl.reshape((words[:, :, :, None] >> byte) & 0xFF, (16, BLOCK_C)).to(tl.float32)
 
 
 @triton.jit
-def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, out_ptr, rows, cols, COLUMNWISE: tl.constexpr,
-                  RHT: tl.constexpr, TILE_ROWS: tl.constexpr, RANDOM: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (r[:, None] < rows) & (c[None, :] < cols)
-    offsets = r[:, None] * cols + c[None, :]
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-    # blocks: 16 consecutive elements of a row (1x16, 16x16 tiles) or, COLUMNWISE, of a column,
-    # which are the 1x16 blocks of x^T quantized in place (the GEMM reads the transposed view)
-    if COLUMNWISE:
-        if RHT:
-            blocks = _rht_columns(x.to(tl.float32), BLOCK_R, BLOCK_C, x.dtype)
-        else:
-            blocks = tl.reshape(x.to(tl.float32), (BLOCK_R // 16, 16, BLOCK_C))
-        block_amax = tl.max(tl.abs(blocks), axis=1)[:, None, :]
-    else:
-        blocks = tl.reshape(x.to(tl.float32), (BLOCK_R, BLOCK_C // 16, 16))
-        block_amax = tl.max(tl.abs(blocks), axis=2)
-        if TILE_ROWS == 16:  # 16x16 tiles: the amax over 16 rows, repeated on each row
-            tile_amax = tl.max(tl.reshape(block_amax, (BLOCK_R // 16, 16, BLOCK_C // 16)), axis=1)
-            block_amax = tl.reshape(tl.broadcast_to(tile_amax[:, None, :], (BLOCK_R // 16, 16, BLOCK_C // 16)),
-                                    (BLOCK_R, BLOCK_C // 16))
-        block_amax = block_amax[:, :, None]
-    amax = tl.load(amax_ptr)
+def _quantize_blocks(blocks, block_amax, amax, bits, RANDOM: tl.constexpr):
+    """code * E4M3 scale of fp32 `blocks` whose 16-element blocks have `block_amax` (broadcast
+    to blocks' shape), in a tensor of global `amax`; bits: 8 random bits per element (fp32)
+    for stochastic rounding, unused otherwise."""
     # per-tensor scale (TE): 2688 / amax, at most FLT_MAX, 0 (amax = inf) -> 1
     g_enc = tl.minimum(tl.math.div_rn(tl.full([], 2688.0, tl.float32), amax), FLT_MAX,
                        propagate_nan=tl.PropagateNan.ALL)
@@ -141,67 +126,138 @@ def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, out_ptr, rows, cols, COLU
     if RANDOM == NO_RANDOM:
         q = _round_half_even(a * _e2m1_inv_step(a)) * _e2m1_step(a)
     else:  # TE's software rounder: t = |x| + u * step(|x|), floor to the grid at t
-        if RANDOM == RANDOM_BITS:
-            bits = tl.load(bits_ptr + offsets, mask=mask, other=0).to(tl.float32)
-        else:
-            bits = _random_bytes(seed_ptr, offsets, BLOCK_R, BLOCK_C)
-        t = a + tl.reshape(bits, v.shape) * (1.0 / 256.0) * _e2m1_step(a)
+        t = a + bits * (1.0 / 256.0) * _e2m1_step(a)
         q = tl.minimum(tl.floor(t * _e2m1_inv_step(t)) * _e2m1_step(t), 6.0)
     q = tl.where(v < 0, q * -1.0, q)  # not -q: Triton negates as 0 - q, which loses -0.0
-    values = tl.reshape(q * scale, (BLOCK_R, BLOCK_C))
-    tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
+    return q * scale
 
 
 @triton.jit
-def _rht_amax_kernel(x_ptr, amax_ptr, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """amax_ptr (zeroed) <- max |RHT(x^T)|, NaN if any is NaN."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _bits(bits_ptr, seed_ptr, seed_offset, r, c0, cols, mask, RANDOM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """8 random bits per element of the tile at rows r, columns c0... (fp32), for stochastic
+    rounding: explicit (RANDOM_BITS) or drawn from the seed (each copy its own Philox key:
+    seed + seed_offset); zeros when rounding to nearest."""
+    if RANDOM == RANDOM_BITS:
+        offsets = r[:, None] * cols + c0 + tl.arange(0, BLOCK_C)[None, :]
+        bits = tl.load(bits_ptr + offsets, mask=mask, other=0).to(tl.float32)
+    elif RANDOM == RANDOM_SEED:
+        bits = _random_bytes(tl.load(seed_ptr) + seed_offset, r, c0, cols, BLOCK_C)
+    else:
+        bits = tl.zeros((16, BLOCK_C), tl.float32)
+    return bits
+
+
+@triton.jit
+def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_out_ptr, col_out_ptr, rows, cols,
+                  ROWWISE: tl.constexpr, COLUMNWISE: tl.constexpr, RHT: tl.constexpr,
+                  TILE_ROWS: tl.constexpr, RANDOM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One read of a [16, BLOCK_C] tile of x, up to two quantized copies written in x's layout:
+    ROWWISE: blocks of 16 along rows (TILE_ROWS=16: 16x16 tiles), global amax amax_ptr[0];
+    COLUMNWISE: blocks of 16 down columns, i.e. x^T's 1x16 blocks (RHT: of RHT(x^T)), global
+    amax amax_ptr[1]. The GEMM reads the columnwise copy as a transposed view."""
+    r = tl.program_id(0) * 16 + tl.arange(0, 16)
+    c0 = tl.program_id(1) * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
-    x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0)
-    a = tl.abs(_rht_columns(x.to(tl.float32), BLOCK_R, BLOCK_C, x.dtype))
-    a = tl.reshape(a, (BLOCK_R * BLOCK_C,))
-    has_nan = tl.sum((a != a).to(tl.int32), axis=0) > 0
-    tl.atomic_max(amax_ptr, tl.where(has_nan, float("nan"), tl.max(a, axis=0)))
+    offsets = r[:, None] * cols + c[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    if ROWWISE:
+        blocks = tl.reshape(x.to(tl.float32), (16, BLOCK_C // 16, 16))
+        block_amax = tl.max(tl.abs(blocks), axis=2, keep_dims=True)
+        if TILE_ROWS == 16:  # 16x16 tiles: one amax for the tile's 16 rows
+            block_amax = tl.max(block_amax, axis=0, keep_dims=True)
+        bits = tl.reshape(_bits(bits_ptr, seed_ptr, 0, r, c0, cols, mask, RANDOM, BLOCK_C), blocks.shape)
+        values = _quantize_blocks(blocks, block_amax, tl.load(amax_ptr), bits, RANDOM)
+        tl.store(row_out_ptr + offsets, tl.reshape(values, (16, BLOCK_C)).to(row_out_ptr.dtype.element_ty), mask=mask)
+    if COLUMNWISE:
+        blocks = _rht_columns(x) if RHT else x.to(tl.float32)
+        block_amax = tl.max(tl.abs(blocks), axis=0, keep_dims=True)
+        bits = _bits(bits_ptr, seed_ptr, 1, r, c0, cols, mask, RANDOM, BLOCK_C)
+        values = _quantize_blocks(blocks, block_amax, tl.load(amax_ptr + 1), bits, RANDOM)
+        tl.store(col_out_ptr + offsets, values.to(col_out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch(x: torch.Tensor, amax: torch.Tensor, out: torch.Tensor, tile_rows: int = 1, columnwise: bool = False,
+@triton.jit
+def _max_or_nan(a):
+    """max of a non-negative tile, NaN if any element is (atomic_max of fp32 keeps a NaN)."""
+    has_nan = tl.sum(tl.sum((a != a).to(tl.int32), axis=1), axis=0) > 0
+    return tl.where(has_nan, float("nan"), tl.max(tl.max(a, axis=1), axis=0))
+
+
+@triton.jit
+def _amax_kernel(x_ptr, amax_ptr, rows, cols, RHT: tl.constexpr, ROW_TILES: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """amax_ptr[0] <- max |x|, amax_ptr[1] <- max |RHT(x^T)| (RHT) or max |x|, both zeroed
+    before and NaN if any value is NaN. Each program takes ROW_TILES tiles of 16 rows, so
+    that few atomics meet at the two addresses."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_max = tl.zeros((16, BLOCK_C), tl.float32)
+    rht_max = tl.zeros((16, BLOCK_C), tl.float32)
+    for tile in range(ROW_TILES):
+        r = (tl.program_id(0) * ROW_TILES + tile) * 16 + tl.arange(0, 16)
+        mask = (r[:, None] < rows) & (c[None, :] < cols)
+        x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0)
+        row_max = tl.maximum(row_max, tl.abs(x.to(tl.float32)), propagate_nan=tl.PropagateNan.ALL)
+        if RHT:
+            rht_max = tl.maximum(rht_max, tl.abs(_rht_columns(x)), propagate_nan=tl.PropagateNan.ALL)
+    row_amax = _max_or_nan(row_max)
+    tl.atomic_max(amax_ptr, row_amax)
+    if RHT:
+        tl.atomic_max(amax_ptr + 1, _max_or_nan(rht_max))
+    else:
+        tl.atomic_max(amax_ptr + 1, row_amax)
+
+
+BLOCK_C = 128  # tiles of 16 x 128: 4 KiB of bf16 per program
+NUM_WARPS = 4
+
+
+def launch(x: torch.Tensor, amax: torch.Tensor, row_out=None, col_out=None, tile_rows: int = 1,
            rht: bool = False, bits=None, seed=None, launcher=None):
-    """Quantize a contiguous 2D x (cols % 16 == 0; columnwise: rows % 16 == 0) into `out`, in
-    x's layout. Columnwise quantizes x^T (RHT(x^T) with rht) in place: out^T is the operand.
-    Rounds to nearest, or stochastically with explicit uint8 `bits` (x's shape) or from an int64
-    `seed` tensor. `launcher` wraps the kernel for torch.library; default: the raw kernel."""
+    """Quantize a contiguous 2D x (cols % 16 == 0; columnwise also rows % 16 == 0) into
+    row_out (rowwise copy) and/or col_out (columnwise: x^T, or RHT(x^T) with rht, quantized in
+    x's layout, so col_out^T is the operand). amax: fp32 [amax of x, amax of the columnwise
+    operand]. Rounds to nearest, or stochastically with explicit uint8 `bits` (x's shape, one
+    copy at a time) or from an int64 `seed` tensor. `launcher` wraps the kernel for
+    torch.library; default: the raw kernel."""
+    assert bits is None or (row_out is None) != (col_out is None), "explicit bits: one copy at a time"
     rows, cols = x.shape
-    block_r, block_c = 32, 64
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    grid = (triton.cdiv(rows, 16), triton.cdiv(cols, BLOCK_C))
     random = (RANDOM_BITS if bits is not None else RANDOM_SEED if seed is not None else NO_RANDOM).value
-    (launcher or _nvfp4_kernel)[grid](x, amax, x if bits is None else bits, x if seed is None else seed, out,
-                                      rows, cols, COLUMNWISE=columnwise, RHT=rht, TILE_ROWS=tile_rows,
-                                      RANDOM=random, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    (launcher or _nvfp4_kernel)[grid](x, amax, x if bits is None else bits, x if seed is None else seed,
+                                      x if row_out is None else row_out, x if col_out is None else col_out,
+                                      rows, cols, ROWWISE=row_out is not None, COLUMNWISE=col_out is not None,
+                                      RHT=rht, TILE_ROWS=tile_rows, RANDOM=random, BLOCK_C=BLOCK_C,
+                                      num_warps=NUM_WARPS)
+
+
+def launch_amax(x: torch.Tensor, amax: torch.Tensor, rht: bool = False, launcher=None):
+    """amax (fp32, two zeros) <- [max |x|, max |RHT(x^T)| (rht; rows % 16 == 0) or max |x|]
+    for a contiguous 2D x."""
+    rows, cols = x.shape
+    tiles = triton.cdiv(rows, 16) * triton.cdiv(cols, BLOCK_C)
+    row_tiles = min(16, triton.next_power_of_2(max(1, tiles // 4096)))  # a few thousand programs at most
+    grid = (triton.cdiv(rows, 16 * row_tiles), triton.cdiv(cols, BLOCK_C))
+    (launcher or _amax_kernel)[grid](x, amax, rows, cols, RHT=rht, ROW_TILES=row_tiles,
+                                     BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+
+
+@torch.library.triton_op("nvfp4::amax", mutates_args=())
+def amax(x: torch.Tensor, rht: bool) -> torch.Tensor:
+    """fp32 [max |x|, max |RHT(x^T)| (rht) or max |x|] of a contiguous 2D x, in one read."""
+    out = torch.zeros(2, dtype=torch.float32, device=x.device)
+    launch_amax(x, out, rht, launcher=torch.library.wrap_triton(_amax_kernel))
     return out
 
 
-def launch_rht_amax(x: torch.Tensor, amax: torch.Tensor, launcher=None):
-    """amax (fp32, zeroed) <- max |RHT(x^T)| for a contiguous 2D x with rows % 16 == 0."""
-    rows, cols = x.shape
-    block_r, block_c = 32, 64
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
-    (launcher or _rht_amax_kernel)[grid](x, amax, rows, cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
-    return amax
-
-
-@torch.library.triton_op("nvfp4::quantize_values", mutates_args=())
-def quantize_values(x: torch.Tensor, amax: torch.Tensor, seed: torch.Tensor, tile_rows: int, columnwise: bool,
-                    rht: bool, stochastic: bool) -> torch.Tensor:
-    """code * E4M3 scale (exact in bf16) of NVFP4(x), or columnwise of x^T / RHT(x^T) stored in
-    x's layout, for a contiguous 2D x. seed: int64 tensor of one element, read when stochastic."""
-    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
-    return launch(x, amax, out, tile_rows, columnwise, rht, seed=seed if stochastic else None,
-                  launcher=torch.library.wrap_triton(_nvfp4_kernel))
-
-
-@torch.library.triton_op("nvfp4::rht_amax", mutates_args=())
-def rht_amax(x: torch.Tensor) -> torch.Tensor:
-    """max |RHT(x^T)| (fp32 scalar) for a contiguous 2D x with rows % 16 == 0."""
-    amax = torch.zeros((), dtype=torch.float32, device=x.device)
-    return launch_rht_amax(x, amax, launcher=torch.library.wrap_triton(_rht_amax_kernel))
+@torch.library.triton_op("nvfp4::quantize", mutates_args=())
+def quantize(x: torch.Tensor, amax: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: bool,
+             columnwise: bool, rht: bool, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """code * E4M3 scale (exact in bf16) of NVFP4(x) (rowwise) and of x^T or RHT(x^T) stored
+    in x's layout (columnwise), from one read of a contiguous 2D x; a copy not asked for is
+    empty. amax: as `amax` returns; seed: int64 tensor of one element, read when stochastic."""
+    row_out = torch.empty(x.shape if rowwise else 0, dtype=torch.bfloat16, device=x.device)
+    col_out = torch.empty(x.shape if columnwise else 0, dtype=torch.bfloat16, device=x.device)
+    launch(x, amax, row_out if rowwise else None, col_out if columnwise else None, tile_rows, rht,
+           seed=seed if stochastic else None, launcher=torch.library.wrap_triton(_nvfp4_kernel))
+    return row_out, col_out

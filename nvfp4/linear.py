@@ -32,41 +32,51 @@ Recipe = Union[NVFP4Recipe, FP8Recipe]
 _active_stats = None  # an FP4Stats while `collect_fp4_stats` is active (eager passes only)
 
 
-def _operand(recipe: Recipe, role: str, t: torch.Tensor, name: str):
-    """Quantize one GEMM operand. role: x / w / dy (rowwise copies) or xt / dyt / wt (the
-    transposed copies of the wgrad and 1D-weight dgrad GEMMs). Returns (values, factor)."""
-    if isinstance(recipe, FP8Recipe):
-        q = quantize_fp8(t, torch.float8_e5m2 if role == "dy" else torch.float8_e4m3fn)
-        return q.values.to(_gemm_dtype(t)), q.scale_inv
-    transposed = role in ("xt", "dyt", "wt")
-    rht = transposed and role != "wt" and not recipe.disable_rht
-    tile_rows = 16 if role == "w" and not recipe.disable_2d_quantization else 1
-    stochastic = role in ("dy", "dyt") and not recipe.disable_stochastic_rounding
-    if _kernel_takes(t, transposed, tile_rows):  # transposed copies: quantized in t's layout, read as a view
+def _quantize(recipe: Recipe, kind: str, t: torch.Tensor, name: str, rowwise: bool = True,
+              columnwise: bool = False):
+    """Quantize the GEMM operand t (kind: x, w or dy) into its rowwise copy (fprop, dgrad) and/or
+    its columnwise copy: Q(t^T) (x, dy: Q(RHT(t^T))) in t^T's shape, the transposed operand of
+    the wgrad GEMM (of dgrad for W). Returns (rowwise, columnwise), each (values, factor) or None."""
+    if isinstance(recipe, FP8Recipe):  # per-tensor scaling: the transpose has the same values
+        q = quantize_fp8(t, torch.float8_e5m2 if kind == "dy" else torch.float8_e4m3fn)
+        values = q.values.to(_gemm_dtype(t))
+        return (values, q.scale_inv) if rowwise else None, (values.t(), q.scale_inv) if columnwise else None
+    tile_rows = 16 if kind == "w" and not recipe.disable_2d_quantization else 1
+    reuse = columnwise and tile_rows == 16  # 16x16 tiles quantize W and W^T to the same values
+    columnwise = columnwise and not reuse
+    rht = kind != "w" and not recipe.disable_rht  # of the columnwise copy
+    stochastic = kind == "dy" and not recipe.disable_stochastic_rounding
+    if _kernel_takes(t, rowwise, columnwise, tile_rows):  # both copies from one read of t
         t = t.contiguous()
-        amax = torch.ops.nvfp4.rht_amax(t) if rht else t.abs().amax().to(torch.float32)
+        amax = torch.ops.nvfp4.amax(t, rht and columnwise)
         seed = (torch.randint(2 ** 62, (1,), device=t.device) if stochastic
                 else torch.empty(0, dtype=torch.int64, device=t.device))
-        values = torch.ops.nvfp4.quantize_values(t, amax, seed, tile_rows, transposed, rht, stochastic)
-        return (values.t() if transposed else values), amax
-    if transposed:
-        t = t.t().contiguous()
-        if rht:
-            t = random_hadamard_transform(t)
-    bits = random_bits(t.shape, t.device) if stochastic else None
-    q = quantize_nvfp4(t, tile_rows=tile_rows, stochastic=stochastic, bits=bits)
-    if _active_stats is not None and role in ("x", "w", "dy"):
-        _active_stats.record(name, role, t, q)
-    return q.values().to(_gemm_dtype(t)), q.amax
+        row, col = torch.ops.nvfp4.quantize(t, amax, seed, tile_rows, rowwise, columnwise, rht, stochastic)
+        row, col = (row, amax[0]) if rowwise else None, (col.t(), amax[1]) if columnwise else None
+    else:
+        row = col = None
+        if rowwise:
+            q = quantize_nvfp4(t, tile_rows=tile_rows, stochastic=stochastic,
+                               bits=random_bits(t.shape, t.device) if stochastic else None)
+            if _active_stats is not None:
+                _active_stats.record(name, kind, t, q)
+            row = (q.values().to(_gemm_dtype(t)), q.amax)
+        if columnwise:
+            tt = t.t().contiguous()
+            tt = random_hadamard_transform(tt) if rht else tt
+            q = quantize_nvfp4(tt, stochastic=stochastic, bits=random_bits(tt.shape, t.device) if stochastic else None)
+            col = (q.values().to(_gemm_dtype(t)), q.amax)
+    return row, (row[0].t(), row[1]) if reuse else col
 
 
-def _kernel_takes(t: torch.Tensor, transposed: bool, tile_rows: int) -> bool:
+def _kernel_takes(t: torch.Tensor, rowwise: bool, columnwise: bool, tile_rows: int) -> bool:
     """The Triton kernels quantize CUDA operands whose blocks tile them exactly (all of them in
     training, per the shape guards); --fp4-stats passes take the reference to see codes and scales."""
     if kernels is None or not t.is_cuda or _active_stats is not None:
         return False
     rows, cols = t.shape
-    return rows % 16 == 0 if transposed else cols % 16 == 0 and rows % tile_rows == 0
+    return ((not rowwise or (cols % 16 == 0 and rows % tile_rows == 0))
+            and (not columnwise or rows % 16 == 0))
 
 
 def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
@@ -96,16 +106,11 @@ class _QuantizedLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, recipe, name, need_dx, need_dw):
         # need_dx/need_dw come from the caller: ctx.needs_input_grad is not reliable under
         # torch.compile in every torch release (2.11 traced a backward that skipped dX).
-        fp8 = isinstance(recipe, FP8Recipe)
-        xq, x_factor = _operand(recipe, "x", x, name)
-        wq, w_factor = _operand(recipe, "w", weight, name)
+        (xq, x_factor), xt = _quantize(recipe, "x", x, name, columnwise=need_dw)
+        (wq, w_factor), wt = _quantize(recipe, "w", weight, name, columnwise=need_dx)
         y = _gemm(xq, wq.t(), _alpha(recipe, x_factor, w_factor), bias, x.dtype)
-        xtq = xt_factor = wtq = wt_factor = None
-        if need_dw:  # per-tensor FP8 scaling is the same for the transpose
-            xtq, xt_factor = (xq.t(), x_factor) if fp8 else _operand(recipe, "xt", x, name)
-        if need_dx:  # 16x16 tiles quantize W and W^T to the same values
-            reuse = fp8 or not recipe.disable_2d_quantization
-            wtq, wt_factor = (wq.t(), w_factor) if reuse else _operand(recipe, "wt", weight, name)
+        xtq, xt_factor = xt or (None, None)
+        wtq, wt_factor = wt or (None, None)
         ctx.save_for_backward(xtq, xt_factor, wtq, wt_factor)
         ctx.recipe, ctx.name, ctx.need_dx, ctx.need_dw = recipe, name, need_dx, need_dw
         ctx.need_db = bias is not None and bias.requires_grad
@@ -116,17 +121,15 @@ class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xtq, xt_factor, wtq, wt_factor = ctx.saved_tensors
-        recipe, name = ctx.recipe, ctx.name
-        fp8 = isinstance(recipe, FP8Recipe)
         dy = dy.contiguous()
         dx = dw = db = None
-        if ctx.need_dx or (fp8 and ctx.need_dw):
-            dyq, dy_factor = _operand(recipe, "dy", dy, name)
+        dy_row, dy_col = _quantize(ctx.recipe, "dy", dy, ctx.name, rowwise=ctx.need_dx, columnwise=ctx.need_dw)
         if ctx.need_dx:
-            dx = _gemm(dyq, wtq.t(), _alpha(recipe, dy_factor, wt_factor), None, ctx.x_dtype)
+            dyq, dy_factor = dy_row
+            dx = _gemm(dyq, wtq.t(), _alpha(ctx.recipe, dy_factor, wt_factor), None, ctx.x_dtype)
         if ctx.need_dw:
-            dytq, dyt_factor = (dyq.t(), dy_factor) if fp8 else _operand(recipe, "dyt", dy, name)
-            dw = _gemm(dytq, xtq.t(), _alpha(recipe, dyt_factor, xt_factor), None, torch.float32)
+            dytq, dyt_factor = dy_col
+            dw = _gemm(dytq, xtq.t(), _alpha(ctx.recipe, dyt_factor, xt_factor), None, torch.float32)
             dw = dw.to(ctx.w_dtype)
         if ctx.need_db:
             db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)  # from the unquantized dY, as TE
@@ -279,12 +282,12 @@ class FP4Stats:
         self.rows = {}
 
     @torch.no_grad()
-    def record(self, layer: str, role: str, x: torch.Tensor, q: NVFP4Tensor) -> None:
+    def record(self, layer: str, kind: str, x: torch.Tensor, q: NVFP4Tensor) -> None:
         x = x.to(torch.float32)
         nonzero = x != 0
         used = q.scales[q.scales > 0]
         error = torch.linalg.vector_norm(q.dequantize() - x) / torch.linalg.vector_norm(x).clamp_min(1e-30)
-        self.rows[f"{layer}.{self.OPERAND[role]}"] = {
+        self.rows[f"{layer}.{self.OPERAND[kind]}"] = {
             "flushed_to_zero": ((q.codes == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1),
             "at_block_max": (q.codes.abs() == 6).sum().item() / max(x.numel(), 1),
             "scale_min": used.min().item() if used.numel() else 0.0,

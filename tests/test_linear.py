@@ -197,13 +197,13 @@ def test_cuda_matches_cpu_bitwise_quantization():
 @requires_cuda
 def test_cuda_compiled_operands_are_bitwise_eager():
     """On GPUs operands go through the Triton kernel (IEEE division); compiled == eager."""
-    from nvfp4.linear import _operand
+    from nvfp4.linear import _quantize
     torch._dynamo.reset()
     x = torch.randn(512, 384, device="cuda", dtype=torch.bfloat16) * 3
     x[0, :16] = 0
 
     def operands(x):
-        return [_operand(RN, role, x, "probe") for role in ("x", "w", "xt")]
+        return [*_quantize(RN, "x", x, "probe", columnwise=True), _quantize(RN, "w", x, "probe")[0]]
 
     for (eager, eager_amax), (compiled, compiled_amax) in zip(operands(x), torch.compile(operands)(x)):
         assert torch.equal(eager.view(torch.int16), compiled.view(torch.int16))
