@@ -64,12 +64,13 @@ class LossGuard:
         zero = torch.zeros((), device=device, dtype=torch.int64)
         self.skipped, self.streak, self.trigger_step = zero.clone(), zero.clone(), zero - 1
 
-    def update(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> torch.Tensor:
+    def update(self, loss: torch.Tensor, grad_norm: torch.Tensor, step) -> torch.Tensor:
+        """step: int or device tensor. The counters change in place (a CUDA graph replays this)."""
         bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        self.skipped += bad
-        self.streak = (self.streak + 1) * bad
+        self.skipped.add_(bad)
+        self.streak.add_(1).mul_(bad)
         first_trigger = (self.streak == self.max_consecutive) & (self.trigger_step < 0)
-        self.trigger_step = torch.where(first_trigger, step - self.max_consecutive + 1, self.trigger_step)
+        self.trigger_step.copy_(torch.where(first_trigger, step - self.max_consecutive + 1, self.trigger_step))
         return bad.to(torch.float32)
 
     def skipped_steps(self) -> int:
