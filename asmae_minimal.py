@@ -319,19 +319,25 @@ def seed_for(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor to `device` without a stream sync (staged in pinned memory)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def masking_noise(seed, epoch, batch_index, global_batch, num_patches, part: slice, device):
-    """MAE's per-sample masking noise for one global batch; this rank's rows."""
-    g = torch.Generator(device).manual_seed(seed_for(seed, epoch, batch_index, 1))
-    return torch.rand(global_batch, num_patches, generator=g, device=device)[part]
+    """MAE's per-sample masking noise for one global batch (drawn on the host, so every device
+    draws the same); this rank's rows."""
+    g = torch.Generator().manual_seed(seed_for(seed, epoch, batch_index, 1))
+    return to_device(torch.rand(global_batch, num_patches, generator=g)[part], device)
 
 
 class TensorLoader:
     """The whole uint8 dataset as one tensor on the training device (pinned host memory when it
     would take over a quarter of the GPU). Per batch: indices from a per-epoch permutation,
     per-sample augmentation parameters and masking noise drawn for the global batch from a
-    (seed, epoch, batch) generator on the device, of which this rank takes its slice (CPU and
-    GPU runs draw from different generators). On CUDA the next batch is prepared on a side
-    stream while the current one trains; nothing is copied from the host per step."""
+    (seed, epoch, batch) generator on the host, so CPU and GPU runs draw the same batches, of
+    which this rank takes its slice. On CUDA the next batch is prepared on a side stream while
+    the current one trains; per step only these parameters are copied from the host."""
 
     def __init__(self, images, args, rank=0, world=1):
         self.device = torch.device(args.device)
@@ -353,7 +359,7 @@ class TensorLoader:
         return len(self.images) // self.batch
 
     def _make(self, perm, epoch, b):
-        g = torch.Generator(self.device).manual_seed(seed_for(self.seed, epoch, b))
+        g = torch.Generator().manual_seed(seed_for(self.seed, epoch, b))
         lo = b * self.batch + self.rank * self.local
         idx = perm[lo:lo + self.local]
         if self.images.device != self.device:
@@ -362,7 +368,7 @@ class TensorLoader:
             imgs = self.images.index_select(0, idx)
         part = slice(self.rank * self.local, (self.rank + 1) * self.local)
         params = augment.sample_params(self.batch, *self.images.shape[-2:], g, self.randaugment)
-        params = {k: v[part] for k, v in params.items()}
+        params = {k: to_device(v[part], self.device) for k, v in params.items()}
         noise = masking_noise(self.seed, epoch, b, self.batch, self.num_patches, part, self.device)
         x = self.augment_fn(imgs, params, self.size)
         return (x - self.mean) / self.std, noise

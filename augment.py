@@ -2,9 +2,9 @@
 
 torchvision.transforms.v2 draws one set of parameters per call, i.e. one per batch when it is
 called on a batched tensor. Here every sample gets its own parameters, as it does in the PIL
-pipeline: `sample_params` draws them from an explicit generator on the data's device
-(reproducible per batch; DDP ranks slice one global draw), and `apply` transforms the whole
-batch in a few batched ops that torch.compile can fuse.
+pipeline: `sample_params` draws them from an explicit generator (reproducible per batch; DDP
+ranks slice one global draw), and `apply` transforms the whole batch, on the device of the
+images and parameters, in a few batched ops that torch.compile can fuse.
 
 Semantics follow torchvision's RandomResizedCrop(scale=(0.6, 1)), RandomHorizontalFlip,
 ColorJitter(0.4, 0.4, 0.4, 0.1) (random op order per sample) and RandAugment(num_ops=2,
