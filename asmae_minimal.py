@@ -1129,7 +1129,8 @@ class Run:
             log.print(f"[precision] {line}")
         log.print(f"[optim] batch {args.batch_size} ({self.world} process{'es' if self.world > 1 else ''}), "
                   f"lr {args.lr:.3g}, warmup {args.warmup_epochs} of {args.epochs} epochs, AMP "
-                  f"{'on' if args.amp else 'off'}, compile {'on' if args.compile else 'off'}, seed {args.seed}")
+                  f"{'on' if args.amp else 'off'}, compile {'on' if args.compile else 'off'}"
+                  f"{' (whole step in one CUDA graph)' if self.trainer.graphed else ''}, seed {args.seed}")
         for change in resume_changes:
             log.print(f"[resume] {change}")
         if resumed:
