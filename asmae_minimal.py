@@ -729,11 +729,11 @@ def lr_at(step: int, steps_per_epoch: int, args) -> float:
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def compile_model(net):
-    """torch.compile the whole model (default mode: on one GPU the Trainer captures the whole step,
-    optimizer included, in one CUDA graph, which also removes the launch overhead that
-    mode="reduce-overhead" removes for the model alone)."""
-    return torch.compile(net)
+def compile_model(net, model_graphs: bool):
+    """torch.compile the whole model. Where the Trainer captures the whole step in one CUDA graph,
+    the default mode; model_graphs: CUDA graphs for the model alone (mode="reduce-overhead"), for
+    single-GPU runs whose step cannot be captured (TE, fp16's GradScaler)."""
+    return torch.compile(net, mode="reduce-overhead" if model_graphs else None)
 
 
 class Trainer:
@@ -757,7 +757,8 @@ class Trainer:
         net = self.model
         if world > 1:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        self.net = compile_model(net) if args.compile else net
+        single_gpu = device.type == "cuda" and world == 1
+        self.net = compile_model(net, single_gpu and not self.graphed) if args.compile else net
         self.amp = amp_context(args)
         self.te_amp = te_backend.autocast(self.backend, self.recipe)
         self.step_number = torch.zeros((), dtype=torch.int64, device=device)
