@@ -363,7 +363,7 @@ class TensorLoader:
         lo = b * self.batch + self.rank * self.local
         idx = perm[lo:lo + self.local]
         if self.images.device != self.device:
-            imgs = self.images.index_select(0, idx.cpu()).pin_memory().to(self.device, non_blocking=True)
+            imgs = to_device(self.images.index_select(0, idx.cpu()), self.device)
         else:
             imgs = self.images.index_select(0, idx)
         part = slice(self.rank * self.local, (self.rank + 1) * self.local)
@@ -750,14 +750,14 @@ class Trainer:
         self.model, self.backend, self.recipe, self.model_lines = build_model(args, device)
         fp16 = args.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler(device.type) if fp16 else None
-        self.graphed = (args.compile and device.type == "cuda" and world == 1 and self.scaler is None
-                        and self.backend != "te")  # TE has its own graph API (te.make_graphed_callables)
+        single_gpu = device.type == "cuda" and world == 1
+        # TE has its own graph API (te.make_graphed_callables)
+        self.graphed = args.compile and single_gpu and self.scaler is None and self.backend != "te"
         self.optimizer = make_optimizer(self.model, args, capturable=self.graphed)
         self.guard = nvfp4.LossGuard(args.max_bad_steps, device)
         net = self.model
         if world > 1:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        single_gpu = device.type == "cuda" and world == 1
         self.net = compile_model(net, single_gpu and not self.graphed) if args.compile else net
         self.amp = amp_context(args)
         self.te_amp = te_backend.autocast(self.backend, self.recipe)

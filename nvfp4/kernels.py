@@ -133,12 +133,12 @@ def _quantize_blocks(blocks, block_amax, amax, bits, RANDOM: tl.constexpr):
 
 
 @triton.jit
-def _bits(bits_ptr, seed_ptr, seed_offset, r, c0, cols, mask, RANDOM: tl.constexpr, BLOCK_C: tl.constexpr):
-    """8 random bits per element of the tile at rows r, columns c0... (fp32), for stochastic
-    rounding: explicit (RANDOM_BITS) or drawn from the seed (each copy its own Philox key:
-    seed + seed_offset); zeros when rounding to nearest."""
+def _bits(bits_ptr, seed_ptr, seed_offset, offsets, r, c0, cols, mask, RANDOM: tl.constexpr,
+          BLOCK_C: tl.constexpr):
+    """8 random bits per element of the tile at `offsets` (rows r, columns c0...) as fp32, for
+    stochastic rounding: explicit (RANDOM_BITS) or drawn from the seed (each copy its own
+    Philox key: seed + seed_offset); zeros when rounding to nearest."""
     if RANDOM == RANDOM_BITS:
-        offsets = r[:, None] * cols + c0 + tl.arange(0, BLOCK_C)[None, :]
         bits = tl.load(bits_ptr + offsets, mask=mask, other=0).to(tl.float32)
     elif RANDOM == RANDOM_SEED:
         bits = _random_bytes(tl.load(seed_ptr) + seed_offset, r, c0, cols, BLOCK_C)
@@ -166,13 +166,13 @@ def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_out_ptr, col_out_ptr,
         block_amax = tl.max(tl.abs(blocks), axis=2, keep_dims=True)
         if TILE_ROWS == 16:  # 16x16 tiles: one amax for the tile's 16 rows
             block_amax = tl.max(block_amax, axis=0, keep_dims=True)
-        bits = tl.reshape(_bits(bits_ptr, seed_ptr, 0, r, c0, cols, mask, RANDOM, BLOCK_C), blocks.shape)
+        bits = tl.reshape(_bits(bits_ptr, seed_ptr, 0, offsets, r, c0, cols, mask, RANDOM, BLOCK_C), blocks.shape)
         values = _quantize_blocks(blocks, block_amax, tl.load(amax_ptr), bits, RANDOM)
         tl.store(row_out_ptr + offsets, tl.reshape(values, (16, BLOCK_C)).to(row_out_ptr.dtype.element_ty), mask=mask)
     if COLUMNWISE:
         blocks = _rht_columns(x) if RHT else x.to(tl.float32)
         block_amax = tl.max(tl.abs(blocks), axis=0, keep_dims=True)
-        bits = _bits(bits_ptr, seed_ptr, 1, r, c0, cols, mask, RANDOM, BLOCK_C)
+        bits = _bits(bits_ptr, seed_ptr, 1, offsets, r, c0, cols, mask, RANDOM, BLOCK_C)
         values = _quantize_blocks(blocks, block_amax, tl.load(amax_ptr + 1), bits, RANDOM)
         tl.store(col_out_ptr + offsets, values.to(col_out_ptr.dtype.element_ty), mask=mask)
 
