@@ -22,15 +22,15 @@ def require_contiguous(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-def gemm_shape_error(name: str, precision: str, m: int, k: int, n: int):
-    """A message naming the layer and the dim that breaks the recipe's multiples, or None."""
+def gemm_shape_error(precision: str, m: int, k: int, n: int):
+    """A message naming the dim that breaks the recipe's multiples, or None."""
     if precision not in GEMM_MULTIPLES:
         return None
     kn, mult_m = GEMM_MULTIPLES[precision]
     for dim, size, multiple in (("in_features K", k, kn), ("out_features N", n, kn),
                                 ("tokens per step M", m, mult_m)):
         if size % multiple:
-            return (f"layer {name}: {dim} = {size} is not a multiple of {multiple}, "
+            return (f"{dim} = {size} is not a multiple of {multiple}, "
                     f"which {precision} GEMMs need (M={m}, K={k}, N={n})")
     return None
 

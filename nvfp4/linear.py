@@ -154,11 +154,14 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     training = need_dx or need_dw
     precision = "fp8" if isinstance(recipe, FP8Recipe) else "nvfp4"
     # The token dim M only carries blocks in the wgrad GEMM: inference takes any M.
-    error = gemm_shape_error(name, precision, x2d.shape[0] if training else 0, *weight.shape[::-1])
+    error = gemm_shape_error(precision, x2d.shape[0] if training else 0, *weight.shape[::-1])
     if error:
-        raise ValueError(error)
+        raise ValueError(f"layer {name}: {error}")
+    # The name is read only where it is used (errors, --fp4-stats): torch.compile guards on every
+    # constant it reads, and a name per layer would compile each block of a model on its own.
+    stats_name = name if _active_stats is not None else None
     with torch.autocast(device_type, enabled=False):
-        y = _QuantizedLinearFn.apply(x2d, weight, bias, recipe, name, need_dx, need_dw)
+        y = _QuantizedLinearFn.apply(x2d, weight, bias, recipe, stats_name, need_dx, need_dw)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -214,13 +217,13 @@ class LayerNormMLP(nn.Module):
         self.fc2_bias = nn.Parameter(torch.zeros(hidden_size))
         nn.init.xavier_uniform_(self.fc1_weight)
         nn.init.xavier_uniform_(self.fc2_weight)
-        self.eps, self.recipe, self.name = eps, recipe, name
+        self.eps, self.recipe, self.fc1_name, self.fc2_name = eps, recipe, name + ".fc1", name + ".fc2"
 
     def forward(self, x):
         h = F.layer_norm(x, x.shape[-1:], self.layer_norm_weight, self.layer_norm_bias, self.eps)
-        h = quantized_linear(h, self.fc1_weight, self.fc1_bias, self.recipe, self.name + ".fc1")
+        h = quantized_linear(h, self.fc1_weight, self.fc1_bias, self.recipe, self.fc1_name)
         h = F.gelu(h, approximate="tanh")
-        return quantized_linear(h, self.fc2_weight, self.fc2_bias, self.recipe, self.name + ".fc2")
+        return quantized_linear(h, self.fc2_weight, self.fc2_bias, self.recipe, self.fc2_name)
 
 
 class LayerFactory:

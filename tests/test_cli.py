@@ -167,6 +167,34 @@ def test_nvfp4_model_trains_on_cpu():
     assert loss.item() < 0.5 * first
 
 
+def test_regional_compile_shares_graphs_and_evaluation_stays_eager(monkeypatch):
+    """One graph per block shape and per piece of glue, whatever the depth (a per-layer guard,
+    e.g. on a layer's name, would compile every block); eval passes never compile; same loss
+    and gradients as the eager model. Dynamo's "eager" backend: what is tested is the tracing."""
+    from functools import partial
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    layers = lambda: asmae_minimal.nvfp4.LayerFactory(asmae_minimal.nvfp4.NVFP4Recipe())
+    torch.manual_seed(0)
+    eager = asmae_minimal.MAE(tiny_config(embed_dim=32, decoder_embed_dim=32, depth=3, decoder_depth=2), layers())
+    compiled = asmae_minimal.MAE(eager.cfg, layers())
+    compiled.load_state_dict(eager.state_dict())
+    asmae_minimal.compile_model(compiled, model_graphs=False)
+    imgs, noise = torch.randn(16, 3, 16, 16), torch.rand(16, 16)
+    for model in (eager, compiled):
+        torch.manual_seed(1)  # the same stochastic-rounding bits
+        model(imgs, noise)[0].backward()
+    assert counters["stats"]["unique_graphs"] == 2 + 3  # encoder and decoder blocks, three glue pieces
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    args = asmae_minimal.resolve_args(["--device", "cpu", "--dataset", "fake", "--img-size", "16", "--patch-size", "4"])
+    asmae_minimal.reconstruct(compiled, imgs[:3], noise[:3], args)
+    asmae_minimal.extract_features(compiled, torch.zeros(5, 3, 16, 16, dtype=torch.uint8), args)
+    assert counters["stats"]["unique_graphs"] == 5
+
+
 # ---- the CLI end to end ---------------------------------------------------------------------------
 
 def test_one_epoch_on_cifar_fixture(tmp_path, cifar):
