@@ -348,7 +348,7 @@ class TensorLoader:
         self.rank, self.seed, self.size = rank, args.seed, args.img_size
         # compiled, the ~400 small kernels of the augmentation fuse into a few (host-bound otherwise)
         self.randaugment = args.randaugment
-        self.augment_fn = torch.compile(augment.apply, dynamic=False) if args.compile else augment.apply
+        self.augment_fn = torch.compile(self._augment, dynamic=False) if args.compile else self._augment
         self.num_patches = (args.img_size // args.patch_size) ** 2
         mean, std = dataset_stats(args.dataset)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
@@ -370,8 +370,10 @@ class TensorLoader:
         params = augment.sample_params(self.batch, *self.images.shape[-2:], g, self.randaugment)
         params = {k: to_device(v[part], self.device) for k, v in params.items()}
         noise = masking_noise(self.seed, epoch, b, self.batch, self.num_patches, part, self.device)
-        x = self.augment_fn(imgs, params, self.size)
-        return (x - self.mean) / self.std, noise
+        return self.augment_fn(imgs, params), noise
+
+    def _augment(self, imgs, params):
+        return (augment.apply(imgs, params, self.size) - self.mean) / self.std
 
     def epoch(self, epoch: int, start: int = 0):
         """Yield (normalized images, masking noise) for batches start.. of this epoch."""

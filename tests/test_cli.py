@@ -227,6 +227,17 @@ def test_cifar100_and_torchvision_loader(tmp_path, monkeypatch):
     assert metrics(run_dir)[-1]["type"] == "epoch"
 
 
+def test_per_sample_hue_matches_torchvision():
+    from torchvision.transforms.v2 import functional as TF
+    import augment
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    x[0], x[1, :, :2] = 0.5, x[1, 0, :2]  # gray pixels: no hue
+    shift = torch.tensor([0.1, -0.1, 0.05, -0.05, 0.0, 0.099])
+    expected = torch.stack([TF.adjust_hue(img, s.item()) for img, s in zip(x, shift)])
+    assert (augment._adjust_hue(x, shift) - expected).abs().max() < 1e-6
+
+
 def test_tensor_loader_is_per_sample_and_deterministic(tmp_path):
     args = asmae_minimal.resolve_args(["--device", "cpu", "--dataset", "fake", "--batch-size", "8", "--randaugment"])
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
