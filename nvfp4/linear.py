@@ -90,10 +90,15 @@ def _alpha(recipe: Recipe, factor_a: torch.Tensor, factor_b: torch.Tensor) -> to
     return factor_a * factor_b / NVFP4_ALPHA_DENOM
 
 
-def _gemm(a, b_t, alpha, bias, out_dtype):
-    """alpha * (a @ b_t) + bias with fp32 accumulation, rounded once to out_dtype."""
+def _gemm(recipe: Recipe, a, a_factor, b_t, b_factor, bias, out_dtype, wgrad=False):
+    """alpha * (a @ b_t) + bias with fp32 accumulation, rounded once to out_dtype. On CUDA,
+    fprop and dgrad run the Triton GEMM with this epilogue fused (the fp32 product never goes
+    to memory); wgrad (K = tokens, a small output) stays with cuBLAS, whose split-K suits it."""
+    if kernels is not None and a.is_cuda and not wgrad:
+        alpha_scale = kernels.NVFP4_ALPHA_SCALE if isinstance(recipe, NVFP4Recipe) else 1.0
+        return torch.ops.nvfp4.scaled_mm(a, b_t, a_factor, b_factor, bias, alpha_scale, out_dtype)
     acc = torch.mm(a, b_t, out_dtype=torch.float32) if a.is_cuda else torch.mm(a, b_t)
-    y = acc * alpha
+    y = acc * _alpha(recipe, a_factor, b_factor)
     if bias is not None:
         y = y + bias.to(out_dtype)  # TE's epilogue adds the bias in the output dtype
     # no `.to()` when the dtype already matches: torch 2.11's compiled autograd.Function
@@ -108,7 +113,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
         # torch.compile in every torch release (2.11 traced a backward that skipped dX).
         (xq, x_factor), xt = _quantize(recipe, "x", x, name, columnwise=need_dw)
         (wq, w_factor), wt = _quantize(recipe, "w", weight, name, columnwise=need_dx)
-        y = _gemm(xq, wq.t(), _alpha(recipe, x_factor, w_factor), bias, x.dtype)
+        y = _gemm(recipe, xq, x_factor, wq.t(), w_factor, bias, x.dtype)
         xtq, xt_factor = xt or (None, None)
         wtq, wt_factor = wt or (None, None)
         ctx.save_for_backward(xtq, xt_factor, wtq, wt_factor)
@@ -126,10 +131,10 @@ class _QuantizedLinearFn(torch.autograd.Function):
         dy_row, dy_col = _quantize(ctx.recipe, "dy", dy, ctx.name, rowwise=ctx.need_dx, columnwise=ctx.need_dw)
         if ctx.need_dx:
             dyq, dy_factor = dy_row
-            dx = _gemm(dyq, wtq.t(), _alpha(ctx.recipe, dy_factor, wt_factor), None, ctx.x_dtype)
+            dx = _gemm(ctx.recipe, dyq, dy_factor, wtq.t(), wt_factor, None, ctx.x_dtype)
         if ctx.need_dw:
             dytq, dyt_factor = dy_col
-            dw = _gemm(dytq, xtq.t(), _alpha(ctx.recipe, dyt_factor, xt_factor), None, torch.float32)
+            dw = _gemm(ctx.recipe, dytq, dyt_factor, xtq.t(), xt_factor, None, torch.float32, wgrad=True)
             dw = dw.to(ctx.w_dtype)
         if ctx.need_db:
             db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)  # from the unquantized dY, as TE
