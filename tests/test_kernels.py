@@ -11,6 +11,8 @@ from conftest import REPO, requires_cuda
 CHECK = r"""
 import itertools, sys, torch, triton
 sys.path.insert(0, {repo!r})
+# Triton 3.6's interpreter cannot loop to a run-time bound under NumPy >= 2.3 (the GEMM's K loop)
+INTERPRETER_LOOPS = tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 7)
 from nvfp4 import kernels
 from nvfp4.formats import hadamard_matrix, quantize_nvfp4, random_bits, random_hadamard_transform
 device = {device!r}
@@ -102,25 +104,28 @@ print("row tiles ok")
 # the fused GEMM: exact operands (products and sums exact in fp32, whatever the order), so
 # only the epilogue is compared: alpha = fa * fb * scale, the bias rounded to the output
 # dtype, one rounding; the GPU may fuse the bias add into an FMA (one rounding fewer)
-gemms = 0
-for m, k, n in ((48, 32, 40), (200, 128, 130)):
-    a = (torch.randint(-6, 7, (m, k), generator=g, device=device) * 0.5).bfloat16()
-    w = (torch.randint(-6, 7, (n, k), generator=g, device=device) * 0.25).bfloat16()
-    bias = torch.randn(n, generator=g, device=device)
-    fa, fb = torch.tensor(3.7, device=device), torch.tensor(1.3, device=device)
-    acc = a.double() @ w.double().t()
-    for b, out_dtype, with_bias, scale in itertools.product((w.t(), w.t().contiguous()), (torch.bfloat16, torch.float32),
-                                                         (True, False), (kernels.NVFP4_ALPHA_SCALE, 1.0)):
-        out = torch.empty(m, n, dtype=out_dtype, device=device)
-        kernels.launch_scaled_mm(a, b, fa, fb, bias if with_bias else None, out, scale)
-        y = acc.float() * (fa * fb * scale)
-        two_roundings = (y + bias.to(out_dtype) if with_bias else y).to(out_dtype)
-        alpha = (fa * fb * scale).double()
-        fused = (acc * alpha + bias.to(out_dtype).double()).float().to(out_dtype) if with_bias else two_roundings
-        ok = (out == two_roundings) | ((out == fused) if device == "cuda" else False)
-        assert ok.all(), (m, k, n, out_dtype, with_bias, (~ok).sum().item())
-        gemms += 1
-print("gemm", gemms)
+if device == "cuda" or INTERPRETER_LOOPS:
+    gemms = 0
+    for m, k, n in ((48, 32, 40), (200, 128, 130)):
+        a = (torch.randint(-6, 7, (m, k), generator=g, device=device) * 0.5).bfloat16()
+        w = (torch.randint(-6, 7, (n, k), generator=g, device=device) * 0.25).bfloat16()
+        bias = torch.randn(n, generator=g, device=device)
+        fa, fb = torch.tensor(3.7, device=device), torch.tensor(1.3, device=device)
+        acc = a.double() @ w.double().t()
+        for b, out_dtype, with_bias, scale in itertools.product((w.t(), w.t().contiguous()), (torch.bfloat16, torch.float32),
+                                                             (True, False), (kernels.NVFP4_ALPHA_SCALE, 1.0)):
+            out = torch.empty(m, n, dtype=out_dtype, device=device)
+            kernels.launch_scaled_mm(a, b, fa, fb, bias if with_bias else None, out, scale)
+            y = acc.float() * (fa * fb * scale)
+            two_roundings = (y + bias.to(out_dtype) if with_bias else y).to(out_dtype)
+            alpha = (fa * fb * scale).double()
+            fused = (acc * alpha + bias.to(out_dtype).double()).float().to(out_dtype) if with_bias else two_roundings
+            ok = (out == two_roundings) | ((out == fused) if device == "cuda" else False)
+            assert ok.all(), (m, k, n, out_dtype, with_bias, (~ok).sum().item())
+            gemms += 1
+    print("gemm", gemms)
+else:
+    print("gemm skipped")
 
 # both copies from one read equal the copies made one at a time, bit for bit (also seeded)
 x = torch.randn(96, 256, generator=g, device=device, dtype=torch.bfloat16)
@@ -162,6 +167,11 @@ print("seeded sr ok", round(err.abs().mean().item(), 3), round(corr.mean().item(
 """
 
 
+def triton_version():
+    import triton
+    return tuple(map(int, triton.__version__.split(".")[:2]))
+
+
 def test_kernel_bitwise_in_triton_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -170,7 +180,8 @@ def test_kernel_bitwise_in_triton_interpreter():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bitwise 28" in result.stdout and "transposed 32" in result.stdout
     assert "seeded sr ok" in result.stdout and "both copies ok" in result.stdout
-    assert "row tiles ok" in result.stdout and "gemm 32" in result.stdout
+    assert "row tiles ok" in result.stdout
+    assert ("gemm 32" if triton_version() >= (3, 7) else "gemm skipped") in result.stdout
 
 
 @requires_cuda
