@@ -80,7 +80,7 @@ def _kernel_takes(t: torch.Tensor, rowwise: bool, columnwise: bool, tile_rows: i
 
 
 def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
-    # Operand values are exact in bf16; CUDA multiplies bf16 with an fp32 output, CPU in fp32.
+    # Operand values are exact in bf16; CUDA multiplies bf16 with fp32 accumulation, CPU in fp32.
     return torch.bfloat16 if t.is_cuda else torch.float32
 
 
