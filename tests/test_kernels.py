@@ -119,8 +119,8 @@ if device == "cuda" or INTERPRETER_LOOPS:
             y = acc.float() * (fa * fb * scale)
             two_roundings = (y + bias.to(out_dtype) if with_bias else y).to(out_dtype)
             alpha = (fa * fb * scale).double()
-            fused = (acc * alpha + bias.to(out_dtype).double()).float().to(out_dtype) if with_bias else two_roundings
-            ok = (out == two_roundings) | ((out == fused) if device == "cuda" else False)
+            one_rounding = (acc * alpha + bias.to(out_dtype).double()).float().to(out_dtype) if with_bias else two_roundings
+            ok = (out == two_roundings) | ((out == one_rounding) if device == "cuda" else False)
             assert ok.all(), (m, k, n, out_dtype, with_bias, (~ok).sum().item())
             gemms += 1
     print("gemm", gemms)
