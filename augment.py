@@ -108,8 +108,11 @@ def _adjust_hue(x, shift):
     p, q, t = maxc * (1 - sat), maxc * (1 - sat * f), maxc * (1 - sat * (1 - f))
     # (r, g, b) of the six hue sectors i = 0..5, selected element-wise (a stacked copy of all
     # six sectors cost the GPU loader a quarter of its time)
-    pick = lambda *sector: torch.where(i == 0, sector[0], torch.where(i == 1, sector[1], torch.where(
-        i == 2, sector[2], torch.where(i == 3, sector[3], torch.where(i == 4, sector[4], sector[5])))))
+    def pick(*sector):
+        value = sector[5]
+        for k in range(5):
+            value = torch.where(i == k, sector[k], value)
+        return value
     return torch.stack([pick(maxc, q, p, p, t, maxc), pick(t, maxc, maxc, q, p, p), pick(p, p, t, maxc, maxc, q)], 1)
 
 
