@@ -45,6 +45,24 @@ for special in (float("inf"), float("nan")):
     assert torch.equal(out.float().nan_to_num(), ref.values().nan_to_num())
 print("bitwise", cases)
 
+# every E2M1 tie and every SR threshold, exactly: blocks of amax 6 in a tensor of amax 2688
+# (scale 1, encode 1), each of the 256 rows stochastically rounded with bits = its row index
+ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -0.0])
+x = torch.cat([ties.repeat(256, 1), torch.full((256, 16), 2688.0)], 1).to(device)
+rows = torch.arange(256, dtype=torch.uint8, device=device)[:, None].expand(256, 32).contiguous()
+for bits in (None, rows):
+    for columnwise in (False, True):
+        ref = quantize_nvfp4(x, stochastic=bits is not None, bits=bits)
+        out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
+        if columnwise:  # the transposed copy of x^T is x's rowwise copy
+            out = torch.empty(x.t().shape, dtype=torch.bfloat16, device=device)
+            kernels.launch(x.t().contiguous(), ref.amax.repeat(2), col_out=out, bits=None if bits is None else bits.t().contiguous())
+            out = out.t()
+        else:
+            kernels.launch(x, ref.amax.repeat(2), out, bits=bits)
+        assert torch.equal(out.float().view(torch.int32), ref.values().view(torch.int32)), (bits is None, columnwise)
+print("ties ok")
+
 # columnwise: x^T quantized in x's layout, bit for bit; RHT(x^T) with its 16 exact products
 # summed in fp32 (bf16: then rounded once, as torch's matmul does), amax included
 rht_cases = 0
@@ -138,31 +156,36 @@ for seed in (None, torch.tensor([7], device=device)):
     assert torch.equal(row, row_alone) and torch.equal(col, col_alone)
 print("both copies ok")
 
-# stochastic rounding from an in-kernel seed: only the two neighbours (the reference with all
-# bits 0 or 255), the same seed gives the same values, and the mean over seeds is x's value
-x = torch.randn(32, 64, generator=g, device=device)
-ref = quantize_nvfp4(x)
-neighbours = [quantize_nvfp4(x, stochastic=True, bits=torch.full(x.shape, b, dtype=torch.uint8, device=device)).values()
-              for b in (0, 255)]
-runs = []
-for seed in range(64):
-    out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
-    kernels.launch(x, ref.amax.repeat(2), out, seed=torch.tensor([seed], device=device))
-    runs.append(out.float())
-    assert ((runs[-1] == neighbours[0]) | (runs[-1] == neighbours[1])).all()
-again = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
-kernels.launch(x, ref.amax.repeat(2), again, seed=torch.tensor([63], device=device))
-assert torch.equal(again.float(), runs[-1]) and not torch.equal(runs[0], runs[1])
-target = x.double() * 2688 / ref.amax.double()  # what code * scale approximates
-gap = neighbours[1].double() - neighbours[0].double()
-err = ((torch.stack(runs).double().mean(0) - target) / gap.clamp_min(1e-30))[gap > 0]
-assert err.abs().mean() < 0.1, err.abs().mean().item()  # round to nearest: ~0.25
-up = torch.stack([(run == neighbours[1]).double() for run in runs])  # each element its own draw:
-up = up - up.mean(0)
-both = ((gap[:, :-1] > 0) & (gap[:, 1:] > 0))                           # neighbours round independently
-corr = torch.nn.functional.cosine_similarity(up[:, :, :-1], up[:, :, 1:], dim=0, eps=1e-12)[both]
-assert corr.mean().abs() < 0.1, corr.mean().item()
-print("seeded sr ok", round(err.abs().mean().item(), 3), round(corr.mean().item(), 3))
+# stochastic rounding from an in-kernel seed, for each copy (columnwise: of x^T, in x's
+# layout): only the two neighbours (the reference with all bits 0 or 255), the same seed gives
+# the same values, the mean over seeds is x's value, and the elements of a block round independently
+for columnwise in (False, True):
+    x = torch.randn(32, 64, generator=g, device=device)
+    ref = quantize_nvfp4(x)
+    neighbours = [quantize_nvfp4(x, stochastic=True, bits=torch.full(x.shape, b, dtype=torch.uint8, device=device)).values()
+                  for b in (0, 255)]
+    def draw(seed):
+        out = torch.empty(x.t().shape if columnwise else x.shape, dtype=torch.bfloat16, device=device)
+        if columnwise:
+            kernels.launch(x.t().contiguous(), ref.amax.repeat(2), col_out=out, seed=torch.tensor([seed], device=device))
+        else:
+            kernels.launch(x, ref.amax.repeat(2), out, seed=torch.tensor([seed], device=device))
+        return (out.t() if columnwise else out).float()
+    runs = []
+    for seed in range(64):
+        runs.append(draw(seed))
+        assert ((runs[-1] == neighbours[0]) | (runs[-1] == neighbours[1])).all()
+    assert torch.equal(draw(63), runs[-1]) and not torch.equal(runs[0], runs[1])
+    target = x.double() * 2688 / ref.amax.double()  # what code * scale approximates
+    gap = neighbours[1].double() - neighbours[0].double()
+    err = ((torch.stack(runs).double().mean(0) - target) / gap.clamp_min(1e-30))[gap > 0]
+    assert err.abs().mean() < 0.1, err.abs().mean().item()  # round to nearest: ~0.25
+    up = torch.stack([(run == neighbours[1]).double() for run in runs])  # each element its own draw
+    up = up - up.mean(0)
+    both = ((gap[:, :-1] > 0) & (gap[:, 1:] > 0))
+    corr = torch.nn.functional.cosine_similarity(up[:, :, :-1], up[:, :, 1:], dim=0, eps=1e-12)[both]
+    assert corr.mean().abs() < 0.1, (columnwise, corr.mean().item())
+    print("seeded sr ok", columnwise, round(err.abs().mean().item(), 3), round(corr.mean().item(), 3))
 """
 
 
@@ -182,7 +205,8 @@ def test_kernel_bitwise_in_triton_interpreter():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bitwise 28" in result.stdout and "transposed 32" in result.stdout
     assert "seeded sr ok" in result.stdout and "both copies ok" in result.stdout
-    assert "row tiles ok" in result.stdout
+    assert "row tiles ok" in result.stdout and "ties ok" in result.stdout
+    assert "seeded sr ok True" in result.stdout
     assert ("gemm 32" if check_gemm else "gemm skipped") in result.stdout
 
 
@@ -194,3 +218,4 @@ def test_kernel_bitwise_on_gpu():
     assert "bitwise 28" in result.stdout and "transposed 32" in result.stdout
     assert "seeded sr ok" in result.stdout and "both copies ok" in result.stdout
     assert "row tiles ok" in result.stdout and "gemm 32" in result.stdout
+    assert "ties ok" in result.stdout and "seeded sr ok True" in result.stdout
