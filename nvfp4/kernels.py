@@ -165,7 +165,9 @@ def _round_blocks(blocks, scale, encode, u, RANDOM: tl.constexpr):
     """code * scale of fp32 `blocks` (scale, encode broadcast to blocks' shape); u: uniform
     k / 256 per element for stochastic rounding, unused otherwise."""
     v = blocks * encode
-    a = tl.minimum(tl.abs(v), 6.0)  # |clamp(v, -6, 6)|
+    # |clamp(v, -6, 6)|; min drops a NaN, but x holds a NaN only where its amax, and so every
+    # scale, is NaN (TE's reference: the whole tensor is NaN)
+    a = tl.minimum(tl.abs(v), 6.0)
     if RANDOM == NO_RANDOM:
         q = _round_e2m1(a)
     else:  # TE's software rounder: t = |x| + u * step(|x|), floor to the grid at t (t < 8)
