@@ -49,8 +49,8 @@ print("bitwise", cases)
 # (scale 1, encode 1), each of the 256 rows stochastically rounded with bits = its row index
 ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -0.0])
 x = torch.cat([ties.repeat(256, 1), torch.full((256, 16), 2688.0)], 1).to(device)
-rows = torch.arange(256, dtype=torch.uint8, device=device)[:, None].expand(256, 32).contiguous()
-for bits in (None, rows):
+row_index = torch.arange(256, dtype=torch.uint8, device=device)[:, None].expand(256, 32).contiguous()
+for bits in (None, row_index):
     for columnwise in (False, True):
         ref = quantize_nvfp4(x, stochastic=bits is not None, bits=bits)
         out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
@@ -113,7 +113,7 @@ for rows, rht in ((16 * 9 + 7, False), (16 * 9, True)):
     x[-1, 3] = 1000.0
     amax = torch.zeros(2, device=device)
     kernels._amax_kernel[(triton.cdiv(rows, 16 * 4), 1)](x, amax, rows, 16, RHT=rht, ROW_TILES=4,
-                                                         BLOCK_C=kernels.BLOCK_C)
+                                                         BLOCK_C=kernels.AMAX_BLOCK_C)
     ref = random_hadamard_transform(x.t()).abs().amax().float() if rht else 1000.0
     assert amax[0] == 1000.0 and amax[1] == ref, (rows, rht, amax)
 print("row tiles ok")
