@@ -1,13 +1,14 @@
 """Fused Triton kernels for NVFP4 on GPUs, bitwise equal to formats.quantize_nvfp4.
 
-A GEMM operand is quantized in two reads. `amax` reads it once for both global amaxes (of the
-operand, and of RHT(operand^T) for the wgrad copy). `quantize` reads each [16, 128] tile once,
-computes its 1x16 (or 16x16) block amaxes, rounds the E4M3 block scales, scales, rounds to
-E2M1 (to nearest even, or stochastically) and writes code * scale as bf16 for up to two copies:
-rowwise, and columnwise, where blocks run 16 down a column, i.e. the 1x16 blocks of the
-transpose, handled on the tile's transpose (RHT: one [128, 16] @ [16, 16] dot), so that each
-block's scale is computed by few threads, and written in the operand's own layout so the GEMM
-reads a transposed view: no transposed copy, no cuBLAS matmul with a 16x16 matrix.
+The op `quantize` reads a GEMM operand twice. The amax kernel reads it once for both global
+amaxes (of the operand, and of RHT(operand^T) for the wgrad copy). The quantize kernel reads
+each [16, 128] tile once, computes its 1x16 (or 16x16) block amaxes, rounds the E4M3 block
+scales, scales, rounds to E2M1 (to nearest even, or stochastically) and writes code * scale
+as bf16 for up to two copies: rowwise, and columnwise, where blocks run 16 down a column,
+i.e. the 1x16 blocks of the transpose, handled on the tile's transpose (RHT: one [128, 16] @
+[16, 16] dot), so that each block's scale is computed by few threads, and written in the
+operand's own layout so the GEMM reads a transposed view: no transposed copy, no cuBLAS
+matmul with a 16x16 matrix.
 
 The kernel is bound by its integer/logic pipe (ncu on the H100: 74 % of issue slots busy, DRAM
 at a third of its bandwidth), so the per-element rounding uses bit operations where compares
@@ -311,27 +312,24 @@ NUM_WARPS = 4
 
 
 def launch(x: torch.Tensor, amax: torch.Tensor, row_out=None, col_out=None, tile_rows: int = 1,
-           rht: bool = False, bits=None, seed=None, launcher=None):
+           rht: bool = False, bits=None, seed=None):
     """Quantize a contiguous 2D x (cols % 16 == 0; columnwise also rows % 16 == 0) into
     row_out (rowwise copy) and/or col_out (columnwise: x^T, or RHT(x^T) with rht, quantized in
     x's layout, so col_out^T is the operand). amax: fp32 [amax of x, amax of the columnwise
     operand]. Rounds to nearest, or stochastically with explicit uint8 `bits` (x's shape, one
-    copy at a time) or from an int64 `seed` tensor. `launcher` wraps the kernel for
-    torch.library; default: the raw kernel."""
+    copy at a time) or from an int64 `seed` tensor."""
     assert bits is None or (row_out is None) != (col_out is None), "explicit bits: one copy at a time"
     rows, cols = x.shape
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, BLOCK_C))
     random = (RANDOM_BITS if bits is not None else RANDOM_SEED if seed is not None else NO_RANDOM).value
-    # a pointer the kernel does not touch takes `amax`: for each argument that is x, inductor
-    # (torch 2.11) has x's producer write one more copy (H100: +0.17 ms a step in GELU alone)
-    (launcher or _nvfp4_kernel)[grid](x, amax, amax if bits is None else bits, amax if seed is None else seed,
-                                      amax if row_out is None else row_out, amax if col_out is None else col_out,
-                                      rows, cols, ROWWISE=row_out is not None, COLUMNWISE=col_out is not None,
-                                      RHT=rht, TILE_ROWS=tile_rows, RANDOM=random, BLOCK_C=BLOCK_C,
-                                      num_warps=NUM_WARPS)
+    # a pointer the kernel does not touch takes `amax` (any tensor would do)
+    _nvfp4_kernel[grid](x, amax, amax if bits is None else bits, amax if seed is None else seed,
+                        amax if row_out is None else row_out, amax if col_out is None else col_out,
+                        rows, cols, ROWWISE=row_out is not None, COLUMNWISE=col_out is not None,
+                        RHT=rht, TILE_ROWS=tile_rows, RANDOM=random, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
 
 
-def launch_amax(x: torch.Tensor, amax: torch.Tensor, rht: bool = False, launcher=None):
+def launch_amax(x: torch.Tensor, amax: torch.Tensor, rht: bool = False):
     """amax (fp32, two zeros) <- [max |x|, max |RHT(x^T)| (rht; rows % 16 == 0) or max |x|]
     for a contiguous 2D x."""
     rows, cols = x.shape
@@ -340,29 +338,36 @@ def launch_amax(x: torch.Tensor, amax: torch.Tensor, rht: bool = False, launcher
     tiles = triton.cdiv(rows, 16) * triton.cdiv(cols, AMAX_BLOCK_C)
     row_tiles = min(16 if rht else 8, triton.next_power_of_2(triton.cdiv(tiles, 1024)))
     grid = (triton.cdiv(rows, 16 * row_tiles), triton.cdiv(cols, AMAX_BLOCK_C))
-    (launcher or _amax_kernel)[grid](x, amax, rows, cols, RHT=rht, ROW_TILES=row_tiles,
-                                     BLOCK_C=AMAX_BLOCK_C, num_warps=NUM_WARPS)
+    _amax_kernel[grid](x, amax, rows, cols, RHT=rht, ROW_TILES=row_tiles, BLOCK_C=AMAX_BLOCK_C,
+                       num_warps=NUM_WARPS)
 
 
-@torch.library.triton_op("nvfp4::amax", mutates_args=())
-def amax(x: torch.Tensor, rht: bool) -> torch.Tensor:
-    """fp32 [max |x|, max |RHT(x^T)| (rht) or max |x|] of a contiguous 2D x, in one read."""
-    out = torch.zeros(2, dtype=torch.float32, device=x.device)
-    launch_amax(x, out, rht, launcher=torch.library.wrap_triton(_amax_kernel))
-    return out
-
-
-@torch.library.triton_op("nvfp4::quantize", mutates_args=())
-def quantize(x: torch.Tensor, amax: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: bool,
-             columnwise: bool, rht: bool, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """code * E4M3 scale (exact in bf16) of NVFP4(x) (rowwise) and of x^T or RHT(x^T) stored
-    in x's layout (columnwise), from one read of a contiguous 2D x; a copy not asked for is
-    empty. amax: as `amax` returns; seed: int64 tensor of one element, read when stochastic."""
-    row_out = torch.empty(x.shape if rowwise else 0, dtype=torch.bfloat16, device=x.device)
-    col_out = torch.empty(x.shape if columnwise else 0, dtype=torch.bfloat16, device=x.device)
+# An opaque op, not a triton_op: inductor (torch 2.11) lowers each Triton kernel a triton_op
+# launches on its own, and had x's producer (GELU, LayerNorm, the dY producers) store one copy
+# of x per kernel reading it (H100: 12.26 -> 11.49 ms a step with this op).
+@torch.library.custom_op("nvfp4::quantize", mutates_args=())
+def quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: bool, columnwise: bool,
+             rht: bool, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, col, amax) of a contiguous 2D x in two reads: code * E4M3 scale (exact in bf16) of
+    NVFP4(x) (rowwise) and of x^T or RHT(x^T) stored in x's layout (columnwise), a copy not
+    asked for being empty, and the fp32 global amaxes [of x, of the columnwise operand].
+    seed: int64 tensor of one element, read when stochastic."""
+    amax = torch.zeros(2, dtype=torch.float32, device=x.device)
+    launch_amax(x, amax, rht and columnwise)
+    row_out, col_out = _quantize_outputs(x, rowwise, columnwise)
     launch(x, amax, row_out if rowwise else None, col_out if columnwise else None, tile_rows, rht,
-           seed=seed if stochastic else None, launcher=torch.library.wrap_triton(_nvfp4_kernel))
-    return row_out, col_out
+           seed=seed if stochastic else None)
+    return row_out, col_out, amax
+
+
+@quantize.register_fake
+def _(x, seed, tile_rows, rowwise, columnwise, rht, stochastic):
+    return *_quantize_outputs(x, rowwise, columnwise), x.new_empty(2, dtype=torch.float32)
+
+
+def _quantize_outputs(x: torch.Tensor, rowwise: bool, columnwise: bool):
+    return tuple(torch.empty(x.shape if wanted else 0, dtype=torch.bfloat16, device=x.device)
+                 for wanted in (rowwise, columnwise))
 
 
 # TE's alpha divides by 6 * 6 * 448 * 448: on CUDA torch multiplies by the divisor's fp32 reciprocal.

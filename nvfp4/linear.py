@@ -48,10 +48,9 @@ def _quantize(recipe: Recipe, kind: str, t: torch.Tensor, name: str, rowwise: bo
     stochastic = kind == "dy" and not recipe.disable_stochastic_rounding
     if _kernel_takes(t, rowwise, columnwise, tile_rows):  # both copies from one read of t
         t = t.contiguous()
-        amax = torch.ops.nvfp4.amax(t, rht and columnwise)
         seed = (torch.randint(2 ** 62, (1,), device=t.device) if stochastic
                 else torch.empty(0, dtype=torch.int64, device=t.device))
-        row, col = torch.ops.nvfp4.quantize(t, amax, seed, tile_rows, rowwise, columnwise, rht, stochastic)
+        row, col, amax = torch.ops.nvfp4.quantize(t, seed, tile_rows, rowwise, columnwise, rht, stochastic)
         row, col = (row, amax[0]) if rowwise else None, (col.t(), amax[1]) if columnwise else None
     else:
         row = col = None

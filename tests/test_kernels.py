@@ -154,7 +154,15 @@ for seed in (None, torch.tensor([7], device=device)):
     kernels.launch(x, amax, row_alone, seed=seed)
     kernels.launch(x, amax, col_out=col_alone, rht=True, seed=seed)
     assert torch.equal(row, row_alone) and torch.equal(col, col_alone)
+    # the op the layers call: both passes, the same bits
+    op_seed = torch.empty(0, dtype=torch.int64, device=device) if seed is None else seed
+    op_row, op_col, op_amax = torch.ops.nvfp4.quantize(x, op_seed, 1, True, True, True, seed is not None)
+    assert torch.equal(op_row, row) and torch.equal(op_col, col) and torch.equal(op_amax, amax)
 print("both copies ok")
+# its fake (meta) function and registration agree with it, as torch.compile relies on
+torch.library.opcheck(torch.ops.nvfp4.quantize, (x, torch.tensor([7], device=device), 16, True, False, False, True))
+torch.library.opcheck(torch.ops.nvfp4.quantize, (x, torch.empty(0, dtype=torch.int64, device=device), 1, False, True, True, False))
+print("op ok")
 
 # stochastic rounding from an in-kernel seed, for each copy (columnwise: of x^T, in x's
 # layout): only the two neighbours (the reference with all bits 0 or 255), the same seed gives
@@ -206,7 +214,7 @@ def test_kernel_bitwise_in_triton_interpreter():
     assert "bitwise 28" in result.stdout and "transposed 32" in result.stdout
     assert "seeded sr ok" in result.stdout and "both copies ok" in result.stdout
     assert "row tiles ok" in result.stdout and "ties ok" in result.stdout
-    assert "seeded sr ok True" in result.stdout
+    assert "seeded sr ok True" in result.stdout and "op ok" in result.stdout
     assert ("gemm 32" if check_gemm else "gemm skipped") in result.stdout
 
 
@@ -219,3 +227,4 @@ def test_kernel_bitwise_on_gpu():
     assert "seeded sr ok" in result.stdout and "both copies ok" in result.stdout
     assert "row tiles ok" in result.stdout and "gemm 32" in result.stdout
     assert "ties ok" in result.stdout and "seeded sr ok True" in result.stdout
+    assert "op ok" in result.stdout
