@@ -37,6 +37,8 @@ import triton.language as tl
 
 from .formats import NVFP4_ALPHA_DENOM, RHT_SIGNS
 
+INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)  # as triton.jit reads it (TRITON_INTERPRET=1)
+
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 RECIP_6 = tl.constexpr(0.1666666716337204)  # torch.reciprocal(6.0) in fp32, as TE's reference multiplies by it
 RNE_MAGIC = tl.constexpr(8388608.0)  # 2^23
@@ -94,11 +96,13 @@ def _round_e4m3(s):
 
 @triton.jit
 def _round_to_bf16(y):
-    """fp32 to the nearest bf16 value, ties to even, NaN kept: the GPU's conversion, spelled out
-    because Triton's CPU interpreter truncates instead."""
-    bits = y.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
+    """fp32 to the nearest bf16 value, ties to even, NaN kept, back in fp32: the GPU's
+    conversion, spelled out under Triton's CPU interpreter, which truncates instead."""
+    if INTERPRETED:
+        bits = y.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
+    return y.to(tl.bfloat16).to(tl.float32)
 
 
 @triton.jit
