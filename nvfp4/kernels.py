@@ -119,12 +119,12 @@ def _hadamard16():
 @triton.jit
 def _rht_rows(xt):
     """The 16-point RHT along each row of a [R, 16] tile xt (x^T's rows: 16 tokens), in fp32:
-    16 exact products summed (tf32 tensor cores for 16-bit inputs: their values and +-1/4 are
-    exact in tf32; IEEE FMAs for fp32). TE's reference transforms in x's dtype: round with
-    _round_to(y, xt.dtype)."""
-    if xt.dtype == tl.float32:
-        return tl.dot(xt, _hadamard16(), input_precision="ieee")
-    return tl.dot(xt.to(tl.float32), _hadamard16(), input_precision="tf32")
+    16 exact products summed (16-bit inputs: tensor cores in their dtype, which holds +-1/4,
+    with fp32 accumulation; fp32, and the interpreter, which rounds 16-bit products: IEEE FMAs).
+    TE's reference transforms in x's dtype: round with _round_to(y, xt.dtype)."""
+    if xt.dtype == tl.float32 or INTERPRETED:
+        return tl.dot(xt.to(tl.float32), _hadamard16(), input_precision="ieee")
+    return tl.dot(xt, _hadamard16().to(xt.dtype), out_dtype=tl.float32)
 
 
 @triton.jit
