@@ -390,6 +390,7 @@ def launch_scaled_mm(a, b, factor_a, factor_b, bias, out, alpha_scale, launcher=
         EVEN_K=K % MM_BLOCK_K == 0, FP32_DOT=not a.is_cuda, num_warps=MM_WARPS, num_stages=MM_STAGES)
 
 
+# A triton_op suits the GEMM: its operands are the quantize op's outputs, already in memory.
 @torch.library.triton_op("nvfp4::scaled_mm", mutates_args=())
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, factor_a: torch.Tensor, factor_b: torch.Tensor,
               bias: Optional[torch.Tensor], alpha_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
