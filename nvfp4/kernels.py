@@ -265,7 +265,7 @@ def _amax_kernel(x_ptr, amax_ptr, rows, cols, RHT: tl.constexpr, ROW_TILES: tl.c
 def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, factor_a_ptr, factor_b_ptr, bias_ptr, M, N, K,
                       stride_am, stride_ak, stride_bk, stride_bn, ALPHA_SCALE: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr):
+                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """out = alpha * (a @ b) + bias, fp32 accumulation, one rounding to out's dtype, where
     alpha = factor_a * factor_b * ALPHA_SCALE (TE's epilogue; the order of the K products and
     a possible FMA of the bias add are the implementation's, as in any GEMM)."""
@@ -289,7 +289,7 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, factor_a_ptr, factor_b_ptr, bias_pt
         else:
             a = tl.load(a_ptrs, mask=rk[None, :] < K - k, other=0.0)
             b = tl.load(b_ptrs, mask=rk[:, None] < K - k, other=0.0)
-        if FP32_DOT:  # the same exact products (Triton's CPU interpreter multiplies bf16 bit patterns)
+        if INTERPRETED:  # the same exact products (Triton's CPU interpreter multiplies bf16 bit patterns)
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
@@ -387,7 +387,7 @@ def launch_scaled_mm(a, b, factor_a, factor_b, bias, out, alpha_scale, launcher=
         a, b, out, factor_a, factor_b, factor_a if bias is None else bias, M, N, K, a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), ALPHA_SCALE=alpha_scale, HAS_BIAS=bias is not None,
         BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K,
-        EVEN_K=K % MM_BLOCK_K == 0, FP32_DOT=not a.is_cuda, num_warps=MM_WARPS, num_stages=MM_STAGES)
+        EVEN_K=K % MM_BLOCK_K == 0, num_warps=MM_WARPS, num_stages=MM_STAGES)
 
 
 # A triton_op suits the GEMM: its operands are the quantize op's outputs, already in memory.
