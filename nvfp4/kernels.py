@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .formats import NVFP4_ALPHA_DENOM, RHT_SIGNS
 
@@ -200,7 +201,7 @@ def _uniform(bits_ptr, seed_ptr, seed_offset, offsets, first_counter, mask, RAND
 @triton.jit
 def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_out_ptr, col_out_ptr, rows, cols,
                   ROWWISE: tl.constexpr, COLUMNWISE: tl.constexpr, RHT: tl.constexpr,
-                  TILE_ROWS: tl.constexpr, RANDOM: tl.constexpr, BLOCK_C: tl.constexpr):
+                  TILE_ROWS: tl.constexpr, RANDOM: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """One read of a [16, BLOCK_C] tile of x, up to two quantized copies written in x's layout:
     ROWWISE: blocks of 16 along rows (TILE_ROWS=16: 16x16 tiles), global amax amax_ptr[0];
     COLUMNWISE: blocks of 16 down columns, i.e. x^T's 1x16 blocks (RHT: of RHT(x^T)), global
@@ -211,6 +212,8 @@ def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_out_ptr, col_out_ptr,
     mask = (r[:, None] < rows) & (c[None, :] < cols)
     offsets = r[:, None] * cols + c[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    if PDL:  # launched early: the amax kernel's results are visible from here on
+        gdc_wait()
     if ROWWISE:
         blocks = tl.reshape(x.to(tl.float32), (16, BLOCK_C // 16, 16))
         block_amax = tl.max(tl.abs(blocks), axis=2, keep_dims=True)
@@ -239,10 +242,12 @@ def _max_or_nan(a):
 
 @triton.jit
 def _amax_kernel(x_ptr, amax_ptr, rows, cols, RHT: tl.constexpr, ROW_TILES: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
+                 BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """amax_ptr[0] <- max |x|, amax_ptr[1] <- max |RHT(x^T)| (RHT) or max |x|, both zeroed
     before and NaN if any value is NaN. Each program takes ROW_TILES tiles of 16 rows, so
     that few atomics meet at the two addresses."""
+    if PDL:  # the quantize kernel may launch now, to wait at its gdc_wait
+        gdc_launch_dependents()
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_max = tl.zeros((16, BLOCK_C), tl.float32)
     rht_max = tl.zeros((BLOCK_C, 16), tl.float32)
@@ -254,6 +259,8 @@ def _amax_kernel(x_ptr, amax_ptr, rows, cols, RHT: tl.constexpr, ROW_TILES: tl.c
         if RHT:  # rounded to x's dtype once, at the end
             rht_max = tl.maximum(rht_max, tl.abs(_rht_rows(tl.trans(x))), propagate_nan=tl.PropagateNan.ALL)
     row_amax = _max_or_nan(row_max)
+    if PDL:  # launched early: the zero fill of amax is visible from here on
+        gdc_wait()
     tl.atomic_max(amax_ptr, row_amax)
     if RHT:
         tl.atomic_max(amax_ptr + 1, _round_to(_max_or_nan(rht_max), x_ptr.dtype.element_ty))
@@ -316,12 +323,12 @@ NUM_WARPS = 4
 
 
 def launch(x: torch.Tensor, amax: torch.Tensor, row_out=None, col_out=None, tile_rows: int = 1,
-           rht: bool = False, bits=None, seed=None):
+           rht: bool = False, bits=None, seed=None, pdl: bool = False):
     """Quantize a contiguous 2D x (cols % 16 == 0; columnwise also rows % 16 == 0) into
     row_out (rowwise copy) and/or col_out (columnwise: x^T, or RHT(x^T) with rht, quantized in
     x's layout, so col_out^T is the operand). amax: fp32 [amax of x, amax of the columnwise
     operand]. Rounds to nearest, or stochastically with explicit uint8 `bits` (x's shape, one
-    copy at a time) or from an int64 `seed` tensor."""
+    copy at a time) or from an int64 `seed` tensor. pdl: see _supports_pdl."""
     assert bits is None or (row_out is None) != (col_out is None), "explicit bits: one copy at a time"
     rows, cols = x.shape
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, BLOCK_C))
@@ -330,12 +337,13 @@ def launch(x: torch.Tensor, amax: torch.Tensor, row_out=None, col_out=None, tile
     _nvfp4_kernel[grid](x, amax, amax if bits is None else bits, amax if seed is None else seed,
                         amax if row_out is None else row_out, amax if col_out is None else col_out,
                         rows, cols, ROWWISE=row_out is not None, COLUMNWISE=col_out is not None,
-                        RHT=rht, TILE_ROWS=tile_rows, RANDOM=random, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+                        RHT=rht, TILE_ROWS=tile_rows, RANDOM=random, BLOCK_C=BLOCK_C, PDL=pdl,
+                        num_warps=NUM_WARPS, launch_pdl=pdl)
 
 
-def launch_amax(x: torch.Tensor, amax: torch.Tensor, rht: bool = False):
+def launch_amax(x: torch.Tensor, amax: torch.Tensor, rht: bool = False, pdl: bool = False):
     """amax (fp32, two zeros) <- [max |x|, max |RHT(x^T)| (rht; rows % 16 == 0) or max |x|]
-    for a contiguous 2D x."""
+    for a contiguous 2D x. pdl: see _supports_pdl."""
     rows, cols = x.shape
     # about a thousand programs, each over several row tiles of 16 x 64 (H100, one nvfp4 step's
     # amax passes: 1.35 ms instead of 1.67 ms with one tile per program; 64 columns: -6 %)
@@ -343,7 +351,16 @@ def launch_amax(x: torch.Tensor, amax: torch.Tensor, rht: bool = False):
     row_tiles = min(16 if rht else 8, triton.next_power_of_2(triton.cdiv(tiles, 1024)))
     grid = (triton.cdiv(rows, 16 * row_tiles), triton.cdiv(cols, AMAX_BLOCK_C))
     _amax_kernel[grid](x, amax, rows, cols, RHT=rht, ROW_TILES=row_tiles, BLOCK_C=AMAX_BLOCK_C,
-                       num_warps=NUM_WARPS)
+                       PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl)
+
+
+def _supports_pdl(x: torch.Tensor) -> bool:
+    """Programmatic dependent launch (sm_90 and newer): a kernel launched with it starts while
+    the stream's previous kernel drains, reads x, and waits for that kernel (gdc_wait) only
+    before reading amax. So it is safe only where the previous kernel does not write x: in
+    `quantize`, the zero fill before the amax kernel, and the amax kernel before the quantize
+    kernel (H100, one nvfp4 step: 11.06 -> 10.94 ms)."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 # An opaque op, not a triton_op: inductor (torch 2.11) lowers each Triton kernel a triton_op
@@ -357,10 +374,11 @@ def quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: bool,
     asked for being empty, and the fp32 global amaxes [of x, of the columnwise operand].
     seed: int64 tensor of one element, read when stochastic."""
     amax = torch.zeros(2, dtype=torch.float32, device=x.device)
-    launch_amax(x, amax, rht and columnwise)
+    pdl = _supports_pdl(x)
+    launch_amax(x, amax, rht and columnwise, pdl=pdl)
     row_out, col_out = _quantize_outputs(x, rowwise, columnwise)
     launch(x, amax, row_out if rowwise else None, col_out if columnwise else None, tile_rows, rht,
-           seed=seed if stochastic else None)
+           seed=seed if stochastic else None, pdl=pdl)
     return row_out, col_out, amax
 
 
