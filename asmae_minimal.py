@@ -378,7 +378,7 @@ class TensorLoader:
     def epoch(self, epoch: int, start: int = 0):
         """Yield (normalized images, masking noise) for batches start.. of this epoch."""
         perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(seed_for(self.seed, epoch)))
-        perm = perm.to(self.images.device)
+        perm = to_device(perm, self.images.device)  # a plain copy would wait for the GPU to drain
         if self.device.type != "cuda":
             for b in range(start, len(self)):
                 yield self._make(perm, epoch, b)
