@@ -1112,7 +1112,7 @@ class Run:
         self.log = RunLog(self.run_dir, args, rank == 0)
         if rank == 0 and ckpt is None:
             (self.run_dir / "config.json").write_text(json.dumps(json_args(args), indent=2))
-        self.summary = {"curve": [], "run_dir": str(self.run_dir), "backend": self.trainer.model_lines[0]}
+        self.summary = {"curve": [], "run_dir": str(self.run_dir), "backend": self.trainer.model_lines[0].removeprefix("backend: ")}
         self.fp4_rows = {}
         self._announce(resume_changes, ckpt is not None)
 
@@ -1449,7 +1449,7 @@ def write_compare_table(results, path, args):
         lines.append("| " + " | ".join([precision, f"{s['final_loss']:.4f}", f"{gap:+.2f}%", fmt("heldout_loss", "{:.4f}"),
                                         fmt("psnr_masked", "{:.2f}"), fmt("linear_probe_acc", "{:.3f}"),
                                         fmt("knn_acc", "{:.3f}"), fmt("img_per_s", "{:.0f}"),
-                                        fmt("peak_mem_gib", "{:.2f}"), s["backend"].replace("backend: ", "").split(" (")[0]]) + " |")
+                                        fmt("peak_mem_gib", "{:.2f}"), s["backend"].split(" (")[0]]) + " |")
     lines.append(f"\n{args.dataset}, model {args.model}, {args.img_size}px/patch {args.patch_size}, "
                  f"{args.epochs} epochs, batch {args.batch_size}, seed {args.seed}; loss = mean masked MSE of the last epoch.")
     path.write_text("\n".join(lines) + "\n")
@@ -1530,7 +1530,7 @@ def run_benchmark(args, warmup_steps=20):
     peak_tflops = measure_bf16_peak(device)
     img_s = args.batch_size * args.benchmark / (wall_ms / 1e3)
     flops = flops_per_image(cfg)
-    result = {"precision": args.precision, "backend": trainer.model_lines[0], "mode": "model only (synthetic batch)"
+    result = {"precision": args.precision, "backend": trainer.model_lines[0].removeprefix("backend: "), "mode": "model only (synthetic batch)"
               if args.benchmark_synthetic else f"end to end ({args.loader} loader)", "batch": args.batch_size,
               "img_size": args.img_size, "patch_size": args.patch_size, "model": args.model, "compile": args.compile,
               "img_per_s": img_s, "step_ms": wall_ms / args.benchmark, "gpu_step_ms": gpu_ms / args.benchmark,

@@ -92,7 +92,7 @@ def test_compare_writes_table_plot_and_grid(tmp_path):
     with Image.open(folder / "loss_curves.png") as plot:
         assert plot.size[0] > 400
     saved = json.loads((folder / "results.json").read_text())
-    assert saved["nvfp4"]["backend"].startswith("backend: emulated NVFP4")
+    assert saved["nvfp4"]["backend"].startswith("emulated NVFP4")
 
 
 def test_fp4_stats_are_logged_and_summarized(tmp_path, capsys):
