@@ -723,7 +723,7 @@ def lr_at(step: int, steps_per_epoch: int, args) -> float:
 def compile_model(model: MAE, model_graphs: bool):
     """Regional compilation, in place (PyTorch's recipe for models of repeated blocks): the blocks
     of one shape share one compiled graph, and the three pieces of glue around them compile once
-    each. Cold, the 20 warm-up steps of --benchmark then take 16-29 s instead of the whole model's
+    each. Cold, the 20 warm-up steps of --benchmark then take 16-34 s instead of the whole model's
     46 s (H100 and H200, bf16; nvfp4: 29-41 s instead of 129 s) for the same step time.
     model_graphs: CUDA graphs per region (mode="reduce-overhead") for single-GPU runs whose step
     the Trainer cannot capture whole (TE, fp16's GradScaler). Evaluation, reconstructions and
