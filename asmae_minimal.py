@@ -773,6 +773,11 @@ class Trainer:
         self.step_number = torch.zeros((), dtype=torch.int64, device=device)
         self.graph, self.warm_steps, self.static_inputs, self.static_outputs = None, 0, None, None
 
+    @property
+    def backend_name(self) -> str:
+        """The backend line of the model's log lines, without its 'backend: ' label."""
+        return self.model_lines[0].removeprefix("backend: ")
+
     def step(self, imgs, noise, lr: float, step: int):
         """One optimizer step (number `step`, from 1); returns loss, grad norm, skipped (0/1), mask
         (with CUDA graphs: the graph's output tensors, overwritten by the next step)."""
@@ -1112,7 +1117,7 @@ class Run:
         self.log = RunLog(self.run_dir, args, rank == 0)
         if rank == 0 and ckpt is None:
             (self.run_dir / "config.json").write_text(json.dumps(json_args(args), indent=2))
-        self.summary = {"curve": [], "run_dir": str(self.run_dir), "backend": self.trainer.model_lines[0].removeprefix("backend: ")}
+        self.summary = {"curve": [], "run_dir": str(self.run_dir), "backend": self.trainer.backend_name}
         self.fp4_rows = {}
         self._announce(resume_changes, ckpt is not None)
 
@@ -1530,7 +1535,7 @@ def run_benchmark(args, warmup_steps=20):
     peak_tflops = measure_bf16_peak(device)
     img_s = args.batch_size * args.benchmark / (wall_ms / 1e3)
     flops = flops_per_image(cfg)
-    result = {"precision": args.precision, "backend": trainer.model_lines[0].removeprefix("backend: "), "mode": "model only (synthetic batch)"
+    result = {"precision": args.precision, "backend": trainer.backend_name, "mode": "model only (synthetic batch)"
               if args.benchmark_synthetic else f"end to end ({args.loader} loader)", "batch": args.batch_size,
               "img_size": args.img_size, "patch_size": args.patch_size, "model": args.model, "compile": args.compile,
               "img_per_s": img_s, "step_ms": wall_ms / args.benchmark, "gpu_step_ms": gpu_ms / args.benchmark,
