@@ -41,6 +41,11 @@ import nvfp4
 from nvfp4 import te_backend
 from nvfp4.guards import check_mask, gemm_shape_error, require_contiguous
 
+try:
+    import augment_kernel  # Triton: the GPU loader's augmentation in one kernel
+except ImportError:
+    augment_kernel = None
+
 # ----------------------------------------------------------------------------- arguments
 
 MODEL_PRESETS = {  # encoder dim x depth (heads), decoder dim x depth (heads), MLP ratios
@@ -337,9 +342,11 @@ class TensorLoader:
     per-sample augmentation parameters and masking noise drawn for the global batch from a
     (seed, epoch, batch) generator on the host, so CPU and GPU runs draw the same batches, of
     which this rank takes its slice; per step only these parameters are copied from the host.
-    The batch's few augmentation kernels (~0.18 ms at batch 512 on an H100) run on the training
-    stream, between steps. On a side stream, concurrent with the step, they were no faster in the
-    same process and cost 0.2-0.5 ms a step from one process to the next."""
+    On the GPU one Triton kernel crops, flips, resizes, jitters and normalizes the batch
+    (augment_kernel.py; with --randaugment, RandAugment and normalization follow it, compiled);
+    on the CPU augment.py's ops run. The batch's kernels run on the training stream, between
+    steps. On a side stream, concurrent with the step, they were no faster in the same process
+    and cost 0.2-0.5 ms a step from one process to the next."""
 
     def __init__(self, images, args, rank=0, world=1):
         self.device = torch.device(args.device)
@@ -348,9 +355,11 @@ class TensorLoader:
         self.images = images.to(self.device) if fits else (images.pin_memory() if on_gpu else images)
         self.batch, self.local = args.batch_size, args.batch_size // world
         self.rank, self.seed, self.size = rank, args.seed, args.img_size
-        # compiled, the ~400 small kernels of the augmentation fuse into a few (host-bound otherwise)
         self.randaugment = args.randaugment
-        self.augment_fn = torch.compile(self._augment, dynamic=False) if args.compile else self._augment
+        self.kernel = on_gpu and augment_kernel is not None
+        # compiled, the ~400 small kernels of augment.py's ops fuse into a few (host-bound otherwise)
+        compiled = (lambda fn: torch.compile(fn, dynamic=False)) if args.compile else (lambda fn: fn)
+        self.augment_fn, self.rand_augment_fn = compiled(self._augment), compiled(self._rand_augment)
         self.num_patches = (args.img_size // args.patch_size) ** 2
         mean, std = dataset_stats(args.dataset)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
@@ -371,10 +380,17 @@ class TensorLoader:
         params = augment.sample_params(self.batch, *self.images.shape[-2:], g, self.randaugment)
         params = {k: to_device(v[part], self.device) for k, v in params.items()}
         noise = masking_noise(self.seed, epoch, b, self.batch, self.num_patches, part, self.device)
-        return self.augment_fn(imgs, params), noise
+        if not self.kernel:
+            return self.augment_fn(imgs, params), noise
+        if not self.randaugment:
+            return augment_kernel.crop_flip_jitter(imgs, params, self.size, self.mean, self.std), noise
+        return self.rand_augment_fn(augment_kernel.crop_flip_jitter(imgs, params, self.size), params), noise
 
     def _augment(self, imgs, params):
         return (augment.apply(imgs, params, self.size) - self.mean) / self.std
+
+    def _rand_augment(self, x, params):
+        return (augment.rand_augment(x, params) - self.mean) / self.std
 
     def epoch(self, epoch: int, start: int = 0):
         """Yield (normalized images, masking noise) for batches start.. of this epoch."""
@@ -734,6 +750,17 @@ def compile_model(model: MAE, model_graphs: bool):
         block.compile(**options)
     for name in ("embed_visible", "embed_decoder", "predict_and_loss"):
         setattr(model, name, torch.compile(getattr(model, name), **options))
+
+
+def start_compile_workers():
+    """Call before loading data. Inductor compiles each graph's Triton kernels in a pool of worker
+    processes, which it starts at its first compile and which takes seconds to come up (each
+    worker imports torch); until then it compiles them one at a time in this process. Started
+    here, the pool comes up while the data loads: on an H200 a wholly cold --benchmark's 20
+    warm-up steps took 20.9 s instead of 27.7 s (bf16, batch 512), and its process reached
+    the end of the first step 8 s sooner."""
+    from torch._inductor.async_compile import maybe_warm_pool
+    maybe_warm_pool()
 
 
 def stop_compile_workers():
@@ -1560,6 +1587,8 @@ def main(argv=None):
         args = resolve_args(argv)
         if args.eval:
             return run_eval(args)
+        if args.compile:
+            start_compile_workers()
         if args.benchmark:
             return run_benchmark(args)
         if args.compare:
