@@ -4,7 +4,9 @@ torchvision.transforms.v2 draws one set of parameters per call, i.e. one per bat
 called on a batched tensor. Here every sample gets its own parameters, as it does in the PIL
 pipeline: `sample_params` draws them from an explicit generator (reproducible per batch; DDP
 ranks slice one global draw), and `apply` transforms the whole batch, on the device of the
-images and parameters, in a few batched ops that torch.compile can fuse.
+images and parameters, in a few batched ops that torch.compile can fuse. This file is the
+specification and the CPU path; on the GPU the loader runs augment_kernel.py's Triton kernel
+for crop, flip, resize and colour jitter (RandAugment stays here, compiled).
 
 Semantics follow torchvision's RandomResizedCrop(scale=(0.6, 1)), RandomHorizontalFlip,
 ColorJitter(0.4, 0.4, 0.4, 0.1) (random op order per sample) and RandAugment(num_ops=2,
