@@ -357,9 +357,10 @@ class TensorLoader:
         self.rank, self.seed, self.size = rank, args.seed, args.img_size
         self.randaugment = args.randaugment
         self.kernel = on_gpu and augment_kernel is not None
-        # compiled, the ~400 small kernels of augment.py's ops fuse into a few (host-bound otherwise)
-        compiled = (lambda fn: torch.compile(fn, dynamic=False)) if args.compile else (lambda fn: fn)
-        self.augment_fn, self.rand_augment_fn = compiled(self._augment), compiled(self._rand_augment)
+        # augment.py's ops (after the GPU kernel: RandAugment); compiled, their ~400 small kernels
+        # fuse into a few (host-bound otherwise)
+        torch_ops = self._rand_augment if self.kernel else self._augment
+        self.augment_fn = torch.compile(torch_ops, dynamic=False) if args.compile else torch_ops
         self.num_patches = (args.img_size // args.patch_size) ** 2
         mean, std = dataset_stats(args.dataset)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
@@ -384,7 +385,7 @@ class TensorLoader:
             return self.augment_fn(imgs, params), noise
         if not self.randaugment:
             return augment_kernel.crop_flip_jitter(imgs, params, self.size, self.mean, self.std), noise
-        return self.rand_augment_fn(augment_kernel.crop_flip_jitter(imgs, params, self.size), params), noise
+        return self.augment_fn(augment_kernel.crop_flip_jitter(imgs, params, self.size), params), noise
 
     def _augment(self, imgs, params):
         return (augment.apply(imgs, params, self.size) - self.mean) / self.std
