@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -13,6 +14,14 @@ sys.path.insert(0, str(REPO))
 # Where .ci/run unpacks `transformer_engine/pytorch/custom_recipes/` from TE's wheel.
 TE_REFERENCE_DIR = Path(os.environ.get("TE_REFERENCE_DIR", REPO / ".te_reference"))
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def run_python(code: str, env=None) -> str:
+    """Run code in a fresh interpreter (e.g. with TRITON_INTERPRET=1, which Triton reads at its
+    import); its stdout, or fail with the end of its stderr."""
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def _stub_te_modules(recipes_dir: Path) -> dict:

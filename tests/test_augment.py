@@ -1,12 +1,10 @@
 """The GPU loader's Triton augmentation kernel against augment.py, its specification: on the GPU,
 and on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported)."""
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, requires_cuda
+from conftest import REPO, requires_cuda, run_python
 
 CHECK = r"""
 import itertools, sys, torch
@@ -33,11 +31,9 @@ for height, width, size in ((32, 32, 32), (32, 24, 40), (16, 16, 8)):
 
 
 def run_check(device: str, env=None):
-    result = subprocess.run([sys.executable, "-c", CHECK.format(repo=str(REPO), device=device)],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = run_python(CHECK.format(repo=str(REPO), device=device), env)
     for size in (32, 40, 8):
-        assert f"matches {size}" in result.stdout
+        assert f"matches {size}" in stdout
 
 
 def test_augment_kernel_in_triton_interpreter():

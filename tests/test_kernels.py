@@ -1,12 +1,10 @@
 """The fused Triton kernels against the PyTorch reference (bit for bit) and float64: on the GPU,
 and on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported)."""
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, requires_cuda
+from conftest import REPO, requires_cuda, run_python
 
 CHECK = r"""
 import itertools, sys, torch, triton
@@ -206,12 +204,10 @@ def interpreter_loops() -> bool:
 
 def run_check(device: str, check_gemm: bool, env=None):
     """Run CHECK in a fresh interpreter; every check printed its line, or it failed."""
-    result = subprocess.run([sys.executable, "-c", CHECK.format(repo=str(REPO), device=device, check_gemm=check_gemm)],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = run_python(CHECK.format(repo=str(REPO), device=device, check_gemm=check_gemm), env)
     for line in ("bitwise 28", "transposed 32", "ties ok", "row tiles ok", "both copies ok", "op ok",
                  "seeded sr ok False", "seeded sr ok True", "gemm 32" if check_gemm else "gemm skipped"):
-        assert line in result.stdout, line
+        assert line in stdout, line
 
 
 def test_kernel_bitwise_in_triton_interpreter():
