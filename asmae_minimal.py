@@ -134,7 +134,7 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     amp.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="run activations in fp32")
     comp = g.add_mutually_exclusive_group()
     comp.add_argument("--compile", dest="compile", action="store_const", const=True,
-                      help="torch.compile the model (default on GPU)")
+                      help="torch.compile the model and augment.py's ops (default on GPU)")
     comp.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="run eagerly")
     g.add_argument("--benchmark", type=int, metavar="N", help="time N steps after warm-up and exit")
     g.add_argument("--benchmark-synthetic", action="store_true",
