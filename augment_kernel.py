@@ -1,8 +1,7 @@
 """augment.py's crop, flip, resize, colour jitter and normalization in one Triton kernel (GPU).
 
-torch.compile of the same ops took 15 s of a cold start's 31 s warm-up (H200) and ran them in
-0.2 ms a batch; with this kernel the first batch, its JIT and start-up included, takes 2-3 s.
-One program per image: it samples the crop (affine_grid + grid_sample, bilinear, border padding,
+One kernel instead of torch.compile's fusion of augment.py's ops, which took a large share of
+a cold start (README: Speed, "Compile"). One program per image: it samples the crop (affine_grid + grid_sample, bilinear, border padding,
 inside the crop box), applies the four jitter ops in the sample's own order, and normalizes.
 Contrast blends towards the image's mean gray at its position in the order, so a first pass over
 the image computes that mean and a second applies all four ops. Images larger than one tile loop

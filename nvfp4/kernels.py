@@ -10,9 +10,9 @@ i.e. the 1x16 blocks of the transpose, handled on the tile's transpose (RHT: one
 operand's own layout so the GEMM reads a transposed view: no transposed copy, no cuBLAS
 matmul with a 16x16 matrix.
 
-The kernel is bound by its integer/logic pipe (ncu on the H100: 74 % of issue slots busy, DRAM
-at a third of its bandwidth), so the per-element rounding uses bit operations where compares
-and selects would do.
+The kernel does little arithmetic per byte, and its per-element rounding shares the
+integer/logic pipe with the index math, so the rounding uses bit operations where compares and
+selects would do.
 
 Exactness: every step is the fp32 operation of formats.quantize_nvfp4 (IEEE division via
 div_rn; divisions by powers of two are exact multiplications), and round-to-nearest-even is the
@@ -23,7 +23,7 @@ kernels on the GPU and through Triton's CPU interpreter.
 
 Stochastic rounding draws its 8 bits per element in the kernel (Philox, from a seed tensor drawn
 from torch's generator; the columnwise copy from seed + 1), so no random tensor is
-materialized; `launch` also takes explicit bits, which is how the tests compare it with the
+materialized; `launch_quantize` also takes explicit bits, which is how the tests compare it with the
 reference bit for bit.
 
 `scaled_mm` is the GEMM of fprop and dgrad with TE's epilogue fused: alpha from the two global
@@ -66,8 +66,8 @@ def _truncate(a, keep_bits):
 @triton.jit
 def _e2m1_step(a):
     """Spacing of the E2M1 grid at a in [0, 8): 0.5 below 2, 1 below 4, else 2, i.e. half the
-    power of two at or below max(a, 1). Bit operations instead of selects: the quantize kernel
-    is bound by its integer/logic pipe (ncu), which compares and selects share."""
+    power of two at or below max(a, 1). Bit operations instead of selects, which would take
+    more of the integer/logic pipe (see the module docstring)."""
     return _truncate(tl.maximum(a, 1.0), EXPONENT_BITS) * 0.5
 
 
@@ -322,7 +322,7 @@ AMAX_BLOCK_C = 64
 NUM_WARPS = 4
 
 
-def launch(x: torch.Tensor, amax: torch.Tensor, row_out=None, col_out=None, tile_rows: int = 1,
+def launch_quantize(x: torch.Tensor, amax: torch.Tensor, row_out=None, col_out=None, tile_rows: int = 1,
            rht: bool = False, bits=None, seed=None, pdl: bool = False):
     """Quantize a contiguous 2D x (cols % 16 == 0; columnwise also rows % 16 == 0) into
     row_out (rowwise copy) and/or col_out (columnwise: x^T, or RHT(x^T) with rht, quantized in
@@ -345,8 +345,8 @@ def launch_amax(x: torch.Tensor, amax: torch.Tensor, rht: bool = False, pdl: boo
     """amax (fp32, two zeros) <- [max |x|, max |RHT(x^T)| (rht; rows % 16 == 0) or max |x|]
     for a contiguous 2D x. pdl: see _supports_pdl."""
     rows, cols = x.shape
-    # about a thousand programs, each over several row tiles of 16 x 64 (H100, one nvfp4 step's
-    # amax passes: 1.35 ms instead of 1.67 ms with one tile per program; 64 columns: -6 %)
+    # about a thousand programs, each over several row tiles of 16 x 64, so that few atomics
+    # meet at the two addresses and each program has enough rows to read
     tiles = triton.cdiv(rows, 16) * triton.cdiv(cols, AMAX_BLOCK_C)
     row_tiles = min(16 if rht else 8, triton.next_power_of_2(triton.cdiv(tiles, 1024)))
     grid = (triton.cdiv(rows, 16 * row_tiles), triton.cdiv(cols, AMAX_BLOCK_C))
@@ -359,13 +359,13 @@ def _supports_pdl(x: torch.Tensor) -> bool:
     the stream's previous kernel drains, reads x, and waits for that kernel (gdc_wait) only
     before reading amax. So it is safe only where the previous kernel does not write x: in
     `quantize`, the zero fill before the amax kernel, and the amax kernel before the quantize
-    kernel (H100, one nvfp4 step: 11.06 -> 10.94 ms)."""
+    kernel."""
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 # An opaque op, not a triton_op: inductor (torch 2.11) lowers each Triton kernel a triton_op
 # launches on its own, and had x's producer (GELU, LayerNorm, the dY producers) store one copy
-# of x per kernel reading it (H100: 12.26 -> 11.49 ms a step with this op).
+# of x per kernel reading it; an opaque op reads the producer's one output.
 @torch.library.custom_op("nvfp4::quantize", mutates_args=())
 def quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: bool, columnwise: bool,
              rht: bool, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -377,7 +377,7 @@ def quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: bool,
     pdl = _supports_pdl(x)
     launch_amax(x, amax, rht and columnwise, pdl=pdl)
     row_out, col_out = _quantize_outputs(x, rowwise, columnwise)
-    launch(x, amax, row_out if rowwise else None, col_out if columnwise else None, tile_rows, rht,
+    launch_quantize(x, amax, row_out if rowwise else None, col_out if columnwise else None, tile_rows, rht,
            seed=seed if stochastic else None, pdl=pdl)
     return row_out, col_out, amax
 
@@ -394,7 +394,7 @@ def _quantize_outputs(x: torch.Tensor, rowwise: bool, columnwise: bool):
 
 # TE's alpha divides by 6 * 6 * 448 * 448: on CUDA torch multiplies by the divisor's fp32 reciprocal.
 NVFP4_ALPHA_SCALE = torch.tensor(1.0, dtype=torch.float32).div(NVFP4_ALPHA_DENOM).item()
-MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_WARPS, MM_STAGES = 128, 128, 64, 4, 3  # best of 9 tried (H100)
+MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_WARPS, MM_STAGES = 128, 128, 64, 4, 3  # the fastest tried on Hopper
 
 
 def launch_scaled_mm(a, b, factor_a, factor_b, bias, out, alpha_scale, launcher=None):

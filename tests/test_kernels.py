@@ -28,7 +28,7 @@ for dtype in (torch.float32, torch.bfloat16):
                 bits = random_bits(x.shape, device, g) if stochastic else None
                 ref = quantize_nvfp4(x, tile_rows=tile, stochastic=stochastic, bits=bits)
                 out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
-                kernels.launch(x, ref.amax.repeat(2), out, tile_rows=tile, bits=bits)
+                kernels.launch_quantize(x, ref.amax.repeat(2), out, tile_rows=tile, bits=bits)
                 expected = ref.values()
                 same = torch.equal(out.float().view(torch.int32), expected.view(torch.int32))
                 assert same, (dtype, tile, rows, cols, stochastic, (out.float() != expected).sum().item())
@@ -38,7 +38,7 @@ for special in (float("inf"), float("nan")):
     x[3, 7] = special
     ref = quantize_nvfp4(x)
     out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
-    kernels.launch(x, ref.amax.repeat(2), out)
+    kernels.launch_quantize(x, ref.amax.repeat(2), out)
     assert torch.equal(out.float().isnan(), ref.values().isnan())
     assert torch.equal(out.float().nan_to_num(), ref.values().nan_to_num())
 print("bitwise", cases)
@@ -54,10 +54,10 @@ for bits in (None, row_index):
         out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
         if columnwise:  # the transposed copy of x^T is x's rowwise copy
             out = torch.empty(x.t().shape, dtype=torch.bfloat16, device=device)
-            kernels.launch(x.t().contiguous(), ref.amax.repeat(2), col_out=out, bits=None if bits is None else bits.t().contiguous())
+            kernels.launch_quantize(x.t().contiguous(), ref.amax.repeat(2), col_out=out, bits=None if bits is None else bits.t().contiguous())
             out = out.t()
         else:
-            kernels.launch(x, ref.amax.repeat(2), out, bits=bits)
+            kernels.launch_quantize(x, ref.amax.repeat(2), out, bits=bits)
         assert torch.equal(out.float().view(torch.int32), ref.values().view(torch.int32)), (bits is None, columnwise)
 print("ties ok")
 
@@ -85,7 +85,7 @@ for dtype in (torch.float32, torch.bfloat16):
                 bits = random_bits(xt.shape, device, g) if stochastic else None
                 ref = quantize_nvfp4(xt, stochastic=stochastic, bits=bits)
                 out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
-                kernels.launch(x, ref.amax.repeat(2), col_out=out, rht=rht,
+                kernels.launch_quantize(x, ref.amax.repeat(2), col_out=out, rht=rht,
                                bits=None if bits is None else bits.t().contiguous())
                 same = (out.t().float() == ref.values()).float().mean().item()
                 need = 1.0 if not rht else 0.999 if dtype == torch.bfloat16 else 0.99
@@ -148,9 +148,9 @@ amax = torch.zeros(2, device=device)
 kernels.launch_amax(x, amax, True)
 for seed in (None, torch.tensor([7], device=device)):
     row, col, row_alone, col_alone = (torch.empty_like(x) for _ in range(4))
-    kernels.launch(x, amax, row, col, rht=True, seed=seed)
-    kernels.launch(x, amax, row_alone, seed=seed)
-    kernels.launch(x, amax, col_out=col_alone, rht=True, seed=seed)
+    kernels.launch_quantize(x, amax, row, col, rht=True, seed=seed)
+    kernels.launch_quantize(x, amax, row_alone, seed=seed)
+    kernels.launch_quantize(x, amax, col_out=col_alone, rht=True, seed=seed)
     assert torch.equal(row, row_alone) and torch.equal(col, col_alone)
     # the op the layers call: both passes, the same bits
     op_seed = torch.empty(0, dtype=torch.int64, device=device) if seed is None else seed
@@ -173,9 +173,9 @@ for columnwise in (False, True):
     def draw(seed):
         out = torch.empty(x.t().shape if columnwise else x.shape, dtype=torch.bfloat16, device=device)
         if columnwise:
-            kernels.launch(x.t().contiguous(), ref.amax.repeat(2), col_out=out, seed=torch.tensor([seed], device=device))
+            kernels.launch_quantize(x.t().contiguous(), ref.amax.repeat(2), col_out=out, seed=torch.tensor([seed], device=device))
         else:
-            kernels.launch(x, ref.amax.repeat(2), out, seed=torch.tensor([seed], device=device))
+            kernels.launch_quantize(x, ref.amax.repeat(2), out, seed=torch.tensor([seed], device=device))
         return (out.t() if columnwise else out).float()
     runs = []
     for seed in range(64):
