@@ -6,11 +6,21 @@ NVFP4, FP8 or BF16, and see what 4-bit training costs: losses, pictures, speed, 
     python asmae_minimal.py --precision nvfp4 --epochs 50
     python asmae_minimal.py --compare bf16,fp8,nvfp4 --epochs 20
 
-Sections follow the data: arguments -> data -> model -> quantization -> train step -> outputs,
-then evaluation, comparison, benchmark and main.
+The sections follow the data:
+    config         flags -> one frozen Config (data, model, precision, optim, run), validated once
+    data           CIFAR / folder / fake images as uint8 tensors; the loaders (augmentation, masks)
+    model          patchify, the ViT blocks, the MAE and its mask check
+    precision      the linear layers in the run's precision (nvfp4.Precision), GEMM shape check
+    train step     optimizer, schedule, compile, the loss guard; one optimizer step (CUDA graph)
+    training loop  epochs, progress, logging, signals, FP4 statistics
+    outputs        checkpoints, run folders, metrics.jsonl / W&B, reconstruction grids
+    evaluation     held-out loss and PSNR, linear probe, kNN
+    comparison     --compare: one run per precision, a table, loss curves, grids
+    benchmark      --benchmark: img/s, step time, memory, data share, MFU
+    main           distributed setup, dispatch, exit codes
 """
 import argparse
-import copy
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -21,9 +31,10 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -38,15 +49,13 @@ from tqdm import tqdm
 
 import augment
 import nvfp4
-from nvfp4 import te_backend
-from nvfp4.guards import check_mask, gemm_shape_error, require_contiguous
 
 try:
     import augment_kernel  # Triton: the GPU loader's augmentation in one kernel
 except ImportError:
     augment_kernel = None
 
-# ----------------------------------------------------------------------------- arguments
+# ============================================================================= config
 
 MODEL_PRESETS = {  # encoder dim x depth (heads), decoder dim x depth (heads), MLP ratios
     "tiny": dict(embed_dim=192, depth=4, num_heads=3, decoder_embed_dim=128, decoder_depth=2,
@@ -56,14 +65,166 @@ MODEL_PRESETS = {  # encoder dim x depth (heads), decoder dim x depth (heads), M
     "base": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
                  decoder_num_heads=16, mlp_ratio=4.0, decoder_mlp_ratio=4.0),  # MAE ViT-B
 }
-PRECISIONS = ("fp32", "bf16", "fp8", "nvfp4")
-DEFAULTS = dict(dataset="cifar10", data_root="./data", loader="tensor", num_workers=min(8, os.cpu_count() or 1),
-                model="small", img_size=32, patch_size=4, mask_ratio=0.75, backend="auto",
-                keep_high_precision="patch_embed,decoder_pred", epochs=50, blr=1.5e-4, warmup_epochs=5,
-                weight_decay=0.05, seed=0, device="auto", out_dir="runs", log_every=50, save_every=10,
-                keep_last=3, max_bad_steps=20, wandb_project="nvfp4-mae")
+PRESET_HELP = "; ".join(f"{k}: encoder {v['embed_dim']}x{v['depth']} ({v['num_heads']} heads), decoder "
+                        f"{v['decoder_embed_dim']}x{v['decoder_depth']} ({v['decoder_num_heads']} heads)"
+                        for k, v in MODEL_PRESETS.items())
+
+
+def flag(default, help: str, **argparse_kwargs):
+    """A config field that is a command-line flag: --field-name (or argparse_kwargs' `flag`), its
+    type from the annotation, `help` for --help. An Optional[bool] field is the pair --x / --no-x
+    (`off`: the help of --no-x), None until the CLI fills its per-device default."""
+    return field(default=default, metadata=dict(help=help, **argparse_kwargs))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = flag("cifar10", "fake: 50,000 random-noise 32x32 labelled images for smoke runs and benchmarks "
+                                   "(like --dummy of PyTorch's ImageNet example); folder: every image under "
+                                   "--data-root", choices=["cifar10", "cifar100", "fake", "folder"])
+    data_root: str = flag("./data", "where CIFAR is downloaded to, or the image folder")
+    loader: str = flag("tensor", "tensor: uint8 dataset on the training device, per-sample augmentation there; "
+                                 "torchvision: PIL transforms in a DataLoader (the seed script's pipeline)",
+                       choices=["tensor", "torchvision"])
+    num_workers: int = flag(min(8, os.cpu_count() or 1), "DataLoader workers of --loader torchvision")
+    randaugment: bool = flag(False, "add RandAugment(2 ops, magnitude 9)")
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    """The MAE: the dimensions of a MODEL_PRESETS entry, the input geometry and the masking."""
+    embed_dim: int
+    depth: int
+    num_heads: int
+    decoder_embed_dim: int
+    decoder_depth: int
+    decoder_num_heads: int
+    mlp_ratio: float = 4.0
+    decoder_mlp_ratio: float = 4.0
+    preset: str = flag("small", f"size preset ({PRESET_HELP})", flag="--model", choices=list(MODEL_PRESETS))
+    img_size: int = flag(32, "input resolution (CIFAR is 32; 224 upsamples as the seed did)")
+    patch_size: int = flag(4, "ViT patch size")
+    mask_ratio: float = flag(0.75, "fraction of patches masked")
+    norm_pix_loss: bool = flag(False, "MSE on per-patch normalized pixels")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_visible(self) -> int:
+        return int(self.num_patches * (1 - self.mask_ratio))
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """The linear layers' GEMM format and how it runs; the NVFP4 switches carry TE's names."""
+    name: Optional[str] = flag(None, "GEMM precision of the linear layers (default: bf16 with AMP, else fp32)",
+                               flag="--precision", choices=nvfp4.PRECISIONS)
+    amp: Optional[bool] = flag(None, "autocast activations to bf16 (fp16 + GradScaler where bf16 is missing); "
+                                     "default on GPU", off="run activations in fp32")
+    backend: str = flag("auto", "auto: Transformer Engine where it imports and the GPU runs the recipe, else "
+                                "emulation", choices=["auto", "te", "emulated"])
+    disable_rht: bool = flag(False, "NVFP4: no Random Hadamard Transform (TE disable_rht)", flag="--no-rht")
+    disable_stochastic_rounding: bool = flag(False, "NVFP4: round gradients to nearest (TE "
+                                                    "disable_stochastic_rounding)", flag="--no-stochastic-rounding")
+    disable_2d_quantization: bool = flag(False, "NVFP4: 1x16 blocks for weights too (TE disable_2d_quantization)",
+                                         flag="--no-2d-weights")
+    keep_high_precision: tuple = flag(("patch_embed", "decoder_pred"), "comma-separated layer-name patterns kept in "
+                                      "BF16 under fp8/nvfp4 ('' keeps none); the NVFP4 recipe keeps the most "
+                                      "sensitive first and last layers in high precision", metavar="PATTERNS")
+    fp4_stats: bool = flag(False, "log per-layer NVFP4 diagnostics (flushed-to-zero, at-block-max, scale range, "
+                                  "error)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = flag(50, "training epochs")
+    batch_size: Optional[int] = flag(None, "global batch size (default: 256 on GPU, 32 on CPU)")
+    blr: float = flag(1.5e-4, "base learning rate: lr = blr x batch size / 256")
+    lr: Optional[float] = flag(None, "absolute learning rate (overrides --blr)")
+    warmup_epochs: float = flag(5.0, "linear warmup, then cosine decay to 0 (per step)")
+    weight_decay: float = flag(0.05, "AdamW weight decay (not on biases and norms)")
+
+    @property
+    def peak_lr(self) -> float:
+        """--lr, or MAE's linear scaling rule blr x batch / 256 (global batch)."""
+        return self.lr if self.lr is not None else self.blr * self.batch_size / 256
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = flag(0, "seeds data order, augmentation, masking and weights")
+    device: str = flag("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    compile: Optional[bool] = flag(None, "torch.compile the model and augment.py's ops (default on GPU)",
+                                   off="run eagerly")
+    out_dir: str = flag("runs", "runs go to OUT_DIR/RUN_NAME/, the latest recon grid to OUT_DIR/recons/")
+    run_name: Optional[str] = flag(None, "default: dataset-model-precision-timestamp")
+    overwrite: bool = flag(False, "replace an existing --run-name folder")
+    log_every: int = flag(50, "steps between metrics lines")
+    save_every: int = flag(10, "epochs between checkpoints (and one at the end)")
+    keep_last: int = flag(3, "checkpoints kept")
+    max_bad_steps: int = flag(20, "consecutive non-finite steps that stop the run")
+    use_wandb: bool = flag(False, "also log to Weights & Biases (WANDB_MODE=offline works)")
+    wandb_project: str = flag("nvfp4-mae", "W&B project")
+
+
+SECTIONS = {"data": DataConfig, "model": MAEConfig, "precision": PrecisionConfig, "optim": OptimConfig,
+            "run": RunConfig}
+SECTION_OF = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run depends on, in five frozen sections. Field names are unique across
+    sections (each is a flag's dest), so `get` and `replace` take them flat."""
+    data: DataConfig
+    model: MAEConfig
+    precision: PrecisionConfig
+    optim: OptimConfig
+    run: RunConfig
+
+    def get(self, key: str):
+        return getattr(getattr(self, SECTION_OF[key]), key)
+
+    def replace(self, **changes) -> "Config":
+        """A new Config with these fields changed, in whichever section each lives."""
+        by_section = {}
+        for key, value in changes.items():
+            by_section.setdefault(SECTION_OF[key], {})[key] = value
+        return dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), **c) for s, c in by_section.items()})
+
+    def flat(self) -> dict:
+        return {key: self.get(key) for key in SECTION_OF}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "Config":
+        """The inverse of asdict (tuples may come back as lists, e.g. from JSON)."""
+        tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**{section: SECTIONS[section](**tuples(saved[section])) for section in SECTIONS})
+
+
+@dataclass(frozen=True)
+class Command:
+    """What to do with the Config: train (the default), resume, evaluate, compare or benchmark."""
+    resume: Optional[str] = flag(None, "continue from a checkpoint file or a run folder", metavar="PATH")
+    eval: Optional[str] = flag(None, "evaluate a checkpoint (held-out loss, PSNR, linear probe, kNN) and exit",
+                               metavar="CKPT")
+    compare: Optional[str] = flag(None, "train the same config in each of these precisions (e.g. bf16,fp8,nvfp4) "
+                                        "and write a report", metavar="PRECISIONS")
+    benchmark: Optional[int] = flag(None, "time N steps after warm-up and exit", metavar="N")
+    benchmark_synthetic: bool = flag(False, "with --benchmark: a fixed batch on the device, model and optimizer only")
+    variants: tuple = ()  # --compare: one validated Config per precision
+    explicit: frozenset = frozenset()  # the dests given on the command line (a resumed run applies these)
+
+    @property
+    def mode(self) -> str:
+        return next((m for m in ("eval", "benchmark", "compare", "resume") if getattr(self, m) is not None), "train")
+
+
 # A resumed run must rebuild the same model on the same data.
-RESUME_CONFLICTS = ("model", "img_size", "patch_size", "precision", "dataset", "norm_pix_loss")
+RESUME_CONFLICTS = ("preset", "img_size", "patch_size", "name", "dataset", "norm_pix_loss")
+NVFP4_ONLY = ("disable_rht", "disable_stochastic_rounding", "disable_2d_quantization", "fp4_stats")
 
 
 class UsageError(Exception):
@@ -76,143 +237,135 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # show defaults, but not None/False ones
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+    def _get_help_string(self, action):  # show defaults, but not None/False ones (0 is shown)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
+def name_patterns(text: str) -> tuple:
+    """'a, b.*' -> ('a', 'b.*'); '' -> ()."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
-    presets = "; ".join(f"{k}: encoder {v['embed_dim']}x{v['depth']} ({v['num_heads']} heads), decoder "
-                        f"{v['decoder_embed_dim']}x{v['decoder_depth']} ({v['decoder_num_heads']} heads)"
-                        for k, v in MODEL_PRESETS.items())
+    """The CLI: one group per Config section (and the Command), one flag per field with a help.
+    with_defaults=False leaves the flags not given out of the namespace (to see what was)."""
     p = ArgumentParser(prog="asmae_minimal.py", description=__doc__.split("\n\n")[0],
                        formatter_class=HelpFormatter,
                        argument_default=None if with_defaults else argparse.SUPPRESS)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["cifar10", "cifar100", "fake", "folder"],
-                   help="fake: 50,000 random-noise 32x32 labelled images for smoke runs and benchmarks "
-                        "(like --dummy of PyTorch's ImageNet example); folder: every image under --data-root")
-    g.add_argument("--data-root", help="where CIFAR is downloaded to, or the image folder")
-    g.add_argument("--loader", choices=["tensor", "torchvision"],
-                   help="tensor: uint8 dataset on the training device, per-sample augmentation there; "
-                        "torchvision: PIL transforms in a DataLoader (the seed script's pipeline)")
-    g.add_argument("--num-workers", type=int, help="DataLoader workers of --loader torchvision")
-    g.add_argument("--randaugment", action="store_true", help="add RandAugment(2 ops, magnitude 9)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(MODEL_PRESETS), help=f"size preset ({presets})")
-    g.add_argument("--img-size", type=int, help="input resolution (CIFAR is 32; 224 upsamples as the seed did)")
-    g.add_argument("--patch-size", type=int, help="ViT patch size")
-    g.add_argument("--mask-ratio", type=float, help="fraction of patches masked")
-    g.add_argument("--norm-pix-loss", action="store_true", help="MSE on per-patch normalized pixels")
-    g = p.add_argument_group("precision")
-    g.add_argument("--precision", choices=PRECISIONS,
-                   help="GEMM precision of the linear layers (default: bf16 with AMP, else fp32)")
-    g.add_argument("--backend", choices=["auto", "te", "emulated"],
-                   help="auto: Transformer Engine where it imports and the GPU runs the recipe, else emulation")
-    g.add_argument("--no-rht", action="store_true", help="NVFP4: no Random Hadamard Transform (TE disable_rht)")
-    g.add_argument("--no-stochastic-rounding", action="store_true",
-                   help="NVFP4: round gradients to nearest (TE disable_stochastic_rounding)")
-    g.add_argument("--no-2d-weights", action="store_true",
-                   help="NVFP4: 1x16 blocks for weights too (TE disable_2d_quantization)")
-    g.add_argument("--keep-high-precision", metavar="PATTERNS",
-                   help="comma-separated layer-name patterns kept in BF16 under fp8/nvfp4 ('' keeps none); "
-                        "the NVFP4 recipe keeps the most sensitive first and last layers in high precision")
-    g.add_argument("--fp4-stats", action="store_true",
-                   help="log per-layer NVFP4 diagnostics (flushed-to-zero, at-block-max, scale range, error)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, help="training epochs")
-    g.add_argument("--batch-size", type=int, help="global batch size (default: 256 on GPU, 32 on CPU)")
-    g.add_argument("--blr", type=float, help="base learning rate: lr = blr x batch size / 256")
-    g.add_argument("--lr", type=float, help="absolute learning rate (overrides --blr)")
-    g.add_argument("--warmup-epochs", type=float, help="linear warmup, then cosine decay to 0 (per step)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (not on biases and norms)")
-    g.add_argument("--seed", type=int, help="seeds data order, augmentation, masking and weights")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", help="auto (cuda if available), cpu, cuda or cuda:N")
-    amp = g.add_mutually_exclusive_group()
-    amp.add_argument("--amp", dest="amp", action="store_const", const=True,
-                     help="autocast activations to bf16 (fp16 + GradScaler where bf16 is missing); default on GPU")
-    amp.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="run activations in fp32")
-    comp = g.add_mutually_exclusive_group()
-    comp.add_argument("--compile", dest="compile", action="store_const", const=True,
-                      help="torch.compile the model and augment.py's ops (default on GPU)")
-    comp.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="run eagerly")
-    g.add_argument("--benchmark", type=int, metavar="N", help="time N steps after warm-up and exit")
-    g.add_argument("--benchmark-synthetic", action="store_true",
-                   help="with --benchmark: a fixed batch on the device, model and optimizer only")
-    g = p.add_argument_group("outputs")
-    g.add_argument("--out-dir", help="runs go to OUT_DIR/RUN_NAME/, the latest recon grid to OUT_DIR/recons/")
-    g.add_argument("--run-name", help="default: dataset-model-precision-timestamp")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --run-name folder")
-    g.add_argument("--log-every", type=int, help="steps between metrics lines")
-    g.add_argument("--save-every", type=int, help="epochs between checkpoints (and one at the end)")
-    g.add_argument("--keep-last", type=int, help="checkpoints kept")
-    g.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file or a run folder")
-    g.add_argument("--max-bad-steps", type=int, help="consecutive non-finite steps that stop the run")
-    g.add_argument("--use-wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline works)")
-    g.add_argument("--wandb-project", help="W&B project")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", metavar="CKPT", help="evaluate a checkpoint (held-out loss, PSNR, linear probe, kNN) and exit")
-    g.add_argument("--compare", metavar="PRECISIONS",
-                   help="train the same config in each of these precisions (e.g. bf16,fp8,nvfp4) and write a report")
-    if with_defaults:
-        p.set_defaults(**DEFAULTS)
+    for title, cls in (*SECTIONS.items(), ("what to run", Command)):
+        group = p.add_argument_group(title)
+        for f in fields(cls):
+            if "help" in f.metadata:
+                add_flag(group, f, with_defaults)
     return p
 
 
-def resolve_args(argv=None):
-    """Parse, fill the per-device defaults, validate. Raises UsageError on bad input."""
-    args = build_parser().parse_args(argv)
-    args.explicit = sorted(vars(build_parser(with_defaults=False).parse_args(argv)))
-    args.device = str(resolve_device(args.device))
-    on_gpu = args.device.startswith("cuda")
-    if args.precision == "bf16" and args.amp is False:
-        raise UsageError("--precision bf16 runs under AMP; drop --no-amp or use --precision fp32")
-    if args.precision == "fp32" and args.amp:
-        raise UsageError("--precision fp32 runs without AMP; drop --amp or use --precision bf16")
-    if args.amp is None:
-        args.amp = args.precision == "bf16" or (on_gpu and args.precision != "fp32")
-    args.precision = args.precision or ("bf16" if args.amp else "fp32")
-    args.compile = on_gpu if args.compile is None else args.compile
-    args.batch_size = args.batch_size or (256 if on_gpu else 32)
-    validate(args)
-    args.lr = args.lr or args.blr * args.batch_size / 256  # MAE's linear scaling rule (global batch)
-    return args
+def add_flag(group, f: dataclasses.Field, with_defaults: bool):
+    kwargs = dict(f.metadata)
+    name, off = kwargs.pop("flag", "--" + f.name.replace("_", "-")), kwargs.pop("off", None)
+    kind = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))
+    if with_defaults:
+        kwargs["default"] = ",".join(f.default) if kind is tuple else f.default  # a string default is parsed
+    if off is not None:  # --x / --no-x, either or neither
+        pair = group.add_mutually_exclusive_group()
+        pair.add_argument(name, dest=f.name, action="store_const", const=True, **kwargs)
+        pair.add_argument("--no-" + name[2:], dest=f.name, action="store_const", const=False, help=off)
+    elif kind is bool:
+        group.add_argument(name, dest=f.name, action="store_true", **kwargs)
+    else:
+        group.add_argument(name, dest=f.name, type=name_patterns if kind is tuple else kind, **kwargs)
 
 
-def validate(args):
+def parse_config(argv=None) -> tuple:
+    """argv -> (Command, Config), parsed and resolved once. The Config is validated, and for
+    --compare Command.variants holds one validated Config per precision (the first is returned
+    too); for --resume and --eval, resume_config merges the flags given into the checkpoint's
+    Config and validates that."""
+    ns = vars(build_parser().parse_args(argv))
+    explicit = frozenset(vars(build_parser(with_defaults=False).parse_args(argv)))
+    command = Command(**{f.name: ns[f.name] for f in fields(Command) if f.name in ns}, explicit=explicit)
+    modes = [m for m in ("eval", "benchmark", "compare", "resume") if ns[m] is not None]
+    if len(modes) > 1:
+        raise UsageError(f"--{modes[0]} and --{modes[1]} do not go together")
+    if command.benchmark is not None and command.benchmark <= 0:
+        raise UsageError(f"--benchmark must be positive, got {command.benchmark}")
+    if command.benchmark_synthetic and command.benchmark is None:
+        raise UsageError("--benchmark-synthetic needs --benchmark N")
+    device = resolve_device(ns["device"])
+    if command.mode in ("resume", "eval"):
+        return command, resolve_config(ns, ns["name"], device)
+    if command.mode != "compare":
+        return command, validate(resolve_config(ns, ns["name"], device))
+    names = [n for n in command.compare.split(",") if n]
+    if not names or not all(n in nvfp4.PRECISIONS for n in names) or len(set(names)) < len(names):
+        raise UsageError(f"--compare takes a comma-separated list of distinct precisions from "
+                         f"{', '.join(nvfp4.PRECISIONS)}, got {command.compare!r}")
+    if "nvfp4" not in names and any(ns[key] for key in NVFP4_ONLY):
+        raise UsageError("--no-rht, --no-stochastic-rounding, --no-2d-weights and --fp4-stats apply to nvfp4, "
+                         "which --compare does not list")
+    variants = tuple(validate(resolve_config(variant_flags(ns, name), name, device)) for name in names)
+    return dataclasses.replace(command, variants=variants), variants[0]
+
+
+def variant_flags(ns: dict, name: str) -> dict:
+    """The flags of one --compare precision: bf16 always runs under AMP and fp32 without (as
+    their own defaults), and the NVFP4 switches apply to nvfp4 alone."""
+    ns = dict(ns, amp=None) if name in ("bf16", "fp32") else ns
+    return ns if name == "nvfp4" else dict(ns, **dict.fromkeys(NVFP4_ONLY, False))
+
+
+def resolve_config(ns: dict, name: Optional[str], device: torch.device) -> Config:
+    """One run's Config from the parsed flags, with the per-device defaults filled: AMP and
+    compile on GPUs, bf16 with AMP (else fp32), batch 256 on GPUs (32 on CPUs)."""
+    on_gpu = device.type == "cuda"
+    amp = ns["amp"]
+    name = name or ("bf16" if (on_gpu if amp is None else amp) else "fp32")
+    amp = {"bf16": True, "fp32": False}.get(name, on_gpu) if amp is None else amp
+    batch = ns["batch_size"] if ns["batch_size"] is not None else (256 if on_gpu else 32)
+
+    def section(cls, **resolved):
+        return cls(**{**{f.name: ns[f.name] for f in fields(cls) if f.name in ns}, **resolved})
+
+    return Config(
+        data=section(DataConfig), model=section(MAEConfig, **MODEL_PRESETS[ns["preset"]]),
+        precision=section(PrecisionConfig, name=name, amp=amp),
+        optim=section(OptimConfig, batch_size=batch),
+        run=section(RunConfig, device=str(device), compile=on_gpu if ns["compile"] is None else ns["compile"]))
+
+
+def validate(config: Config) -> Config:
+    """Every check of a run's Config, in one place; raises UsageError naming the flag."""
+    d, m, p, o, r = config.data, config.model, config.precision, config.optim, config.run
+    world = int(os.environ.get("WORLD_SIZE", 1))
     checks = [
-        (args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),
-        (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
-        (0 < args.mask_ratio < 1, f"--mask-ratio must be in (0, 1), got {args.mask_ratio}"),
-        (args.patch_size > 0 and args.img_size > 0, "--img-size and --patch-size must be positive"),
-        (args.patch_size <= 0 or args.img_size % args.patch_size == 0,  # positivity is reported above
-         f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}"),
-        (args.lr is None or args.lr > 0, f"--lr must be positive, got {args.lr}"),
-        (args.blr > 0, f"--blr must be positive, got {args.blr}"),
-        (args.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
-        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
-        (args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}"),
-        (args.log_every > 0 and args.save_every > 0 and args.keep_last > 0 and args.max_bad_steps > 0,
+        (o.epochs > 0, f"--epochs must be positive, got {o.epochs}"),
+        (o.batch_size > 0, f"--batch-size must be positive, got {o.batch_size}"),
+        (o.batch_size % world == 0, f"--batch-size {o.batch_size} does not split over {world} processes"),
+        (0 < m.mask_ratio < 1, f"--mask-ratio must be in (0, 1), got {m.mask_ratio}"),
+        (m.patch_size > 0 and m.img_size > 0, "--img-size and --patch-size must be positive"),
+        (m.patch_size <= 0 or m.img_size % m.patch_size == 0,  # positivity is reported above
+         f"--img-size {m.img_size} is not divisible by --patch-size {m.patch_size}"),
+        (o.blr > 0, f"--blr must be positive, got {o.blr}"),
+        (o.lr is None or o.lr > 0, f"--lr must be positive, got {o.lr}"),
+        (o.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {o.warmup_epochs}"),
+        (o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}"),
+        (d.num_workers >= 0, f"--num-workers must be >= 0, got {d.num_workers}"),
+        (r.log_every > 0 and r.save_every > 0 and r.keep_last > 0 and r.max_bad_steps > 0,
          "--log-every, --save-every, --keep-last and --max-bad-steps must be positive"),
-        (args.benchmark is None or args.benchmark > 0, f"--benchmark must be positive, got {args.benchmark}"),
-        (not args.benchmark_synthetic or args.benchmark, "--benchmark-synthetic needs --benchmark N"),
-        (not args.fp4_stats or args.precision == "nvfp4" or args.compare, "--fp4-stats needs --precision nvfp4"),
-        (not (args.no_rht or args.no_stochastic_rounding or args.no_2d_weights) or args.precision == "nvfp4"
-         or args.compare, "--no-rht, --no-stochastic-rounding and --no-2d-weights apply to --precision nvfp4"),
+        (p.name != "bf16" or p.amp, "--precision bf16 runs under AMP; drop --no-amp or use --precision fp32"),
+        (p.name != "fp32" or not p.amp, "--precision fp32 runs without AMP; drop --amp or use --precision bf16"),
+        (not p.fp4_stats or p.name == "nvfp4", "--fp4-stats needs --precision nvfp4"),
+        (not (p.disable_rht or p.disable_stochastic_rounding or p.disable_2d_quantization) or p.name == "nvfp4",
+         "--no-rht, --no-stochastic-rounding and --no-2d-weights apply to --precision nvfp4"),
+        (not r.use_wandb or importlib.util.find_spec("wandb") is not None,
+         "--use-wandb: wandb is not installed (pip install wandb), or drop --use-wandb"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    num_patches = (args.img_size // args.patch_size) ** 2
-    keep = int(num_patches * (1 - args.mask_ratio))
-    if not 0 < keep < num_patches:
-        raise UsageError(f"--mask-ratio {args.mask_ratio} leaves {keep} of {num_patches} patches visible")
-    if args.compare:
-        unknown = [p for p in args.compare.split(",") if p not in PRECISIONS]
-        if unknown or not args.compare.strip(","):
-            raise UsageError(f"--compare takes a comma-separated list of {', '.join(PRECISIONS)}, got {args.compare!r}")
-    if args.use_wandb and importlib.util.find_spec("wandb") is None:
-        raise UsageError("--use-wandb: wandb is not installed (pip install wandb), or drop --use-wandb")
+    if not 0 < m.num_visible < m.num_patches:
+        raise UsageError(f"--mask-ratio {m.mask_ratio} leaves {m.num_visible} of {m.num_patches} patches visible")
+    return config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -236,7 +389,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-# ----------------------------------------------------------------------------- data
+def resume_config(saved: Config, cli: Config, explicit) -> tuple:
+    """A checkpoint's Config with the flags given on this command line applied (the device
+    always: a run may move), and the list of changes. Changes to the model, the data or the
+    precision are refused."""
+    flags = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+    changes, updates = [], {"device": cli.run.device}
+    for key in sorted(explicit - {f.name for f in fields(Command)}):
+        old, new = saved.get(key), cli.get(key)
+        if old == new:
+            continue
+        if key in RESUME_CONFLICTS:
+            raise UsageError(f"{flags[key]} {new} conflicts with the checkpoint ({flags[key][2:].replace('-', '_')}="
+                             f"{old}); a resumed run keeps its model, data and precision")
+        changes.append(f"{flags[key][2:].replace('-', '_')} {old} -> {new}")
+        updates[key] = new
+    return validate(saved.replace(**updates)), changes
+
+
+# ============================================================================= data
 
 CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
                "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
@@ -244,22 +415,13 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def dataset_stats(name):
+    """(mean, std) per channel, to normalize images of this dataset."""
     return CIFAR_STATS.get(name, IMAGENET_STATS)
 
 
-class TensorImages(torch.utils.data.Dataset):
-    """uint8 images [N, 3, H, W] (+ labels) as a torchvision-style dataset of PIL images."""
-
-    def __init__(self, images: torch.Tensor, labels, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        img = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
-        label = -1 if self.labels is None else int(self.labels[i])
-        return (self.transform(img) if self.transform else img), label
+class Split(NamedTuple):
+    images: torch.Tensor            # uint8 [N, 3, H, W]
+    labels: Optional[torch.Tensor]  # int64 [N], or None
 
 
 def open_cifar(name, root, train):
@@ -307,16 +469,26 @@ def folder_images(root: str, train: bool, size: int):
     return torch.stack(images), (torch.tensor(labels) if len(classes) >= 2 else None)
 
 
-def load_images(args, train: bool):
-    """(uint8 images [N, 3, H, W], int64 labels or None, a torchvision dataset yielding PIL images)."""
-    if args.dataset in CIFAR_STATS:
-        ds = open_cifar(args.dataset, args.data_root, train)
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds
-    if args.dataset == "fake":
-        images, labels = fake_images(train, args.seed)
+def load_images(config: Config, train: bool) -> Split:
+    """The training (or held-out) split of --dataset."""
+    d = config.data
+    if d.dataset in CIFAR_STATS:
+        ds = open_cifar(d.dataset, d.data_root, train)
+        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
+    if d.dataset == "fake":
+        images, labels = fake_images(train, config.run.seed)
     else:
-        images, labels = folder_images(args.data_root, train, args.img_size)
-    return images, labels, TensorImages(images, labels)
+        images, labels = folder_images(d.data_root, train, config.model.img_size)
+    return Split(images, labels)
+
+
+def plain_images(images: torch.Tensor, dataset: str, size: int) -> torch.Tensor:
+    """uint8 images resized to size x size and normalized, no augmentation (evaluation)."""
+    mean, std = dataset_stats(dataset)
+    x = images.float() / 255
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def seed_for(*keys: int) -> int:
@@ -345,24 +517,23 @@ class TensorLoader:
     On the GPU one Triton kernel crops, flips, resizes, jitters and normalizes the batch
     (augment_kernel.py; with --randaugment, RandAugment and normalization follow it, compiled);
     on the CPU augment.py's ops run. The batch's kernels run on the training stream, between
-    steps. On a side stream, concurrent with the step, they were no faster in the same process
-    and cost 0.2-0.5 ms a step from one process to the next."""
+    steps: on a side stream they would compete with the step for the GPU and gain nothing."""
 
-    def __init__(self, images, args, rank=0, world=1):
-        self.device = torch.device(args.device)
+    def __init__(self, images, config: Config, rank=0, world=1):
+        self.device = torch.device(config.run.device)
         on_gpu = self.device.type == "cuda"
         fits = on_gpu and images.numel() < 0.25 * torch.cuda.get_device_properties(self.device).total_memory
         self.images = images.to(self.device) if fits else (images.pin_memory() if on_gpu else images)
-        self.batch, self.local = args.batch_size, args.batch_size // world
-        self.rank, self.seed, self.size = rank, args.seed, args.img_size
-        self.randaugment = args.randaugment
+        self.batch = config.optim.batch_size
+        self.local, self.rank, self.seed = self.batch // world, rank, config.run.seed
+        self.size, self.num_patches = config.model.img_size, config.model.num_patches
+        self.randaugment = config.data.randaugment
         self.kernel = on_gpu and augment_kernel is not None
         # augment.py's ops (after the GPU kernel: RandAugment); compiled, their ~400 small kernels
         # fuse into a few (host-bound otherwise)
         torch_ops = self._rand_augment if self.kernel else self._augment
-        self.augment_fn = torch.compile(torch_ops, dynamic=False) if args.compile else torch_ops
-        self.num_patches = (args.img_size // args.patch_size) ** 2
-        mean, std = dataset_stats(args.dataset)
+        self.augment_fn = torch.compile(torch_ops, dynamic=False) if config.run.compile else torch_ops
+        mean, std = dataset_stats(config.data.dataset)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 
@@ -401,31 +572,48 @@ class TensorLoader:
             yield self._make(perm, epoch, b)
 
 
+class TensorImages(torch.utils.data.Dataset):
+    """uint8 images [N, 3, H, W] (+ labels) as a torchvision-style dataset of PIL images."""
+
+    def __init__(self, images: torch.Tensor, labels, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
+        label = -1 if self.labels is None else int(self.labels[i])
+        return (self.transform(img) if self.transform else img), label
+
+
 class TorchvisionLoader:
     """The seed script's pipeline: PIL transforms in DataLoader workers, same shard and noise rules."""
 
-    def __init__(self, dataset, args, rank=0, world=1):
-        mean, std = dataset_stats(args.dataset)
-        tfm = [transforms.RandomResizedCrop(args.img_size, scale=augment.CROP_SCALE), transforms.RandomHorizontalFlip(),
+    def __init__(self, train: Split, config: Config, rank=0, world=1):
+        mean, std = dataset_stats(config.data.dataset)
+        size = config.model.img_size
+        tfm = [transforms.RandomResizedCrop(size, scale=augment.CROP_SCALE), transforms.RandomHorizontalFlip(),
                transforms.ColorJitter(*augment.JITTER)]
-        tfm += [transforms.RandAugment()] if args.randaugment else []
-        dataset.transform = transforms.Compose(tfm + [transforms.ToTensor(), transforms.Normalize(mean, std)])
-        self.dataset, self.args, self.rank, self.world = dataset, args, rank, world
-        self.batch, self.local = args.batch_size, args.batch_size // world
-        self.num_patches = (args.img_size // args.patch_size) ** 2
-        self.device = torch.device(args.device)
+        tfm += [transforms.RandAugment()] if config.data.randaugment else []
+        tfm = transforms.Compose(tfm + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+        self.dataset, self.rank, self.world = TensorImages(*train, tfm), rank, world
+        self.seed, self.num_workers = config.run.seed, config.data.num_workers
+        self.batch = config.optim.batch_size
+        self.local, self.num_patches = self.batch // world, config.model.num_patches
+        self.device = torch.device(config.run.device)
         self.wait_s = 0.0  # host time blocked on the workers (the GPU has nothing queued then)
 
     def __len__(self):
         return len(self.dataset) // self.batch
 
     def epoch(self, epoch: int, start: int = 0):
-        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed_for(self.args.seed, epoch)))
+        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed_for(self.seed, epoch)))
         order = perm[:len(self) * self.batch].view(len(self), self.world, self.local)[:, self.rank].flatten().tolist()
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.local, sampler=order, num_workers=self.args.num_workers,
+            self.dataset, batch_size=self.local, sampler=order, num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", drop_last=True,
-            generator=torch.Generator().manual_seed(seed_for(self.args.seed, epoch, 1 << 20, self.rank)))
+            generator=torch.Generator().manual_seed(seed_for(self.seed, epoch, 1 << 20, self.rank)))
         part = slice(self.rank * self.local, (self.rank + 1) * self.local)
         batches = iter(loader)
         for b in range(len(self)):
@@ -434,20 +622,26 @@ class TorchvisionLoader:
             self.wait_s += time.perf_counter() - t0
             if b < start:
                 continue
-            noise = masking_noise(self.args.seed, epoch, b, self.batch, self.num_patches, part, self.device)
+            noise = masking_noise(self.seed, epoch, b, self.batch, self.num_patches, part, self.device)
             yield imgs.to(self.device, non_blocking=True), noise
 
 
-def plain_batches(images, args, count: int):
-    """The first `count` images resized to --img-size and normalized, no augmentation."""
-    mean, std = dataset_stats(args.dataset)
-    x = images[:count].float() / 255
-    if x.shape[-1] != args.img_size:
-        x = F.interpolate(x, size=(args.img_size, args.img_size), mode="bilinear", align_corners=False)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+def make_loader(config: Config, train: Split, rank=0, world=1):
+    """The --loader of training and the benchmark."""
+    if config.data.loader == "tensor":
+        return TensorLoader(train.images, config, rank, world)
+    return TorchvisionLoader(train, config, rank, world)
 
 
-# ----------------------------------------------------------------------------- model
+# ============================================================================= model
+
+def require_contiguous(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Raise where a tensor is about to be viewed with a new shape but is not contiguous."""
+    if not t.is_contiguous():
+        raise ValueError(f"{what} must be contiguous before it is reshaped "
+                         f"(shape {tuple(t.shape)}, stride {t.stride()})")
+    return t
+
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, L, p*p*C], patches in row-major order, pixels (p, p, C) inside."""
@@ -475,30 +669,6 @@ def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = True) -> tor
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb])
     return emb.float().unsqueeze(0)
-
-
-@dataclass
-class MAEConfig:
-    img_size: int = 32
-    patch_size: int = 4
-    embed_dim: int = 384
-    depth: int = 6
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    decoder_embed_dim: int = 192
-    decoder_depth: int = 4
-    decoder_num_heads: int = 6
-    decoder_mlp_ratio: float = 2.0
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = False
-
-    @property
-    def num_patches(self):
-        return (self.img_size // self.patch_size) ** 2
-
-    @property
-    def num_visible(self):
-        return int(self.num_patches * (1 - self.mask_ratio))
 
 
 class Block(nn.Module):
@@ -615,64 +785,42 @@ class MAE(nn.Module):
         return self.forward_encoder(patchify(imgs, self.cfg.patch_size), ids)[:, 0]
 
 
-def model_config(args) -> MAEConfig:
-    return MAEConfig(img_size=args.img_size, patch_size=args.patch_size, mask_ratio=args.mask_ratio,
-                     norm_pix_loss=args.norm_pix_loss, **MODEL_PRESETS[args.model])
+def check_mask(mask: torch.Tensor, batch: int, num_patches: int, num_masked: int) -> None:
+    """MAE mask sanity: shape [B, L], binary, exactly `num_masked` ones per sample."""
+    if tuple(mask.shape) != (batch, num_patches):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected ({batch}, {num_patches})")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask is not binary")
+    per_sample = mask.sum(1)
+    if not (per_sample == num_masked).all():
+        raise ValueError(f"mask has {per_sample.min().item():.0f}..{per_sample.max().item():.0f} "
+                         f"masked patches per sample, expected exactly {num_masked}")
 
 
-def flops_per_image(cfg: MAEConfig) -> float:
-    """Training FLOPs per image: 3 x forward (forward + backward), matmuls and attention only."""
-    p2c, te, td = cfg.patch_size ** 2 * 3, cfg.num_visible + 1, cfg.num_patches + 1
-    d, dd = cfg.embed_dim, cfg.decoder_embed_dim
-    enc = cfg.depth * (2 * te * (4 * d * d + 2 * d * int(d * cfg.mlp_ratio)) + 4 * te * te * d)
-    dec = cfg.decoder_depth * (2 * td * (4 * dd * dd + 2 * dd * int(dd * cfg.decoder_mlp_ratio)) + 4 * td * td * dd)
-    return 3 * (enc + dec + 2 * cfg.num_visible * p2c * d + 2 * te * d * dd + 2 * td * dd * p2c)
+# ============================================================================= precision
 
-
-# ----------------------------------------------------------------------------- quantization
-
-def build_model(args, device):
-    """The MAE with its linear layers per --precision/--backend; returns (model, backend, recipe, log lines)."""
-    recipe = None
-    if args.precision == "nvfp4":
-        recipe = nvfp4.NVFP4Recipe(disable_rht=args.no_rht, disable_stochastic_rounding=args.no_stochastic_rounding,
-                                   disable_2d_quantization=args.no_2d_weights)
-    elif args.precision == "fp8":
-        recipe = nvfp4.FP8Recipe()
+def resolve_precision(config: Config, device: torch.device) -> nvfp4.Precision:
+    """The run's nvfp4.Precision: recipe, backend (and why), autocast dtype."""
+    p = config.precision
+    recipe = nvfp4.NVFP4Recipe(disable_rht=p.disable_rht, disable_stochastic_rounding=p.disable_stochastic_rounding,
+                               disable_2d_quantization=p.disable_2d_quantization) if p.name == "nvfp4" else None
     try:
-        backend, backend_line = te_backend.select_backend(args.backend, args.precision, device)
-    except te_backend.BackendError as error:
+        return nvfp4.Precision.resolve(p.name, device, p.backend, p.amp, recipe, p.keep_high_precision)
+    except nvfp4.BackendError as error:
         raise UsageError(str(error)) from None
-    keep = [p.strip() for p in args.keep_high_precision.split(",") if p.strip()]
-    layers = nvfp4.LayerFactory(recipe, keep_high_precision=keep, backend=backend)
-    cfg = model_config(args)
+
+
+def build_model(config: Config, device: torch.device, batch_per_rank: int) -> tuple:
+    """(the MAE with its linear layers in the run's precision, that nvfp4.Precision)."""
+    precision = resolve_precision(config, device)
     with torch.device(device):
-        model = MAE(cfg, layers)
-    lines = [backend_line]
-    if recipe is not None:
-        quantized = [name for name, *_, q in model.gemms if q]
-        kept = [name for name, *_, q in model.gemms if not q]
-        lines.append(f"{args.precision}: {len(quantized)} of {len(model.gemms)} GEMM layers quantized "
-                     f"({compact_names(quantized)}); high precision: {compact_names(kept) or 'none'}")
-        if args.precision == "nvfp4":
-            lines.append(f"NVFP4 recipe: RHT {'off' if args.no_rht else 'on'} (wgrad operands), stochastic rounding "
-                         f"{'off' if args.no_stochastic_rounding else 'on'} (gradients), weights in "
-                         f"{'1x16 blocks' if args.no_2d_weights else '16x16 tiles'}")
-        check_gemm_shapes(model, args, args.batch_size // max(1, world_size()))
-    return model, backend, recipe, lines
+        model = MAE(config.model, precision.layers())
+    if precision.recipe is not None:
+        check_gemm_shapes(model, precision.recipe, batch_per_rank)
+    return model, precision
 
 
-def compact_names(names):
-    """'blocks.0.mlp.fc1', 'blocks.1.mlp.fc1' -> 'blocks.*.mlp.fc1' (order kept)."""
-    out = []
-    for name in names:
-        pattern = ".".join("*" if part.isdigit() else part for part in name.split("."))
-        if pattern not in out:
-            out.append(pattern)
-    return ", ".join(out)
-
-
-def check_gemm_shapes(model, args, batch_per_rank: int):
+def check_gemm_shapes(model: MAE, recipe, batch_per_rank: int):
     """Every quantized GEMM meets TE's multiples for this model and batch, else a message naming it."""
     cfg = model.cfg
     for name, k, n, quantized in model.gemms:
@@ -680,30 +828,13 @@ def check_gemm_shapes(model, args, batch_per_rank: int):
             continue
         tokens = cfg.num_visible if name == "patch_embed" else (
             cfg.num_visible + 1 if name.startswith(("blocks.", "decoder_embed")) else cfg.num_patches + 1)
-        error = gemm_shape_error(args.precision, batch_per_rank * tokens, k, n)
+        error = nvfp4.gemm_shape_error(recipe, batch_per_rank * tokens, k, n)
         if error:
             raise UsageError(f"layer {name}: {error}; change --batch-size, the model, or keep the layer in high precision "
                              f"with --keep-high-precision")
 
 
-# ----------------------------------------------------------------------------- train step
-
-def world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def init_distributed():
-    """(rank, world) from torchrun's environment; gloo on CPU, nccl on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1 or dist.is_initialized():
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (README: multi-GPU)
-    use_gpu = torch.cuda.is_available() and os.environ.get("ASMAE_FORCE_GLOO") != "1"
-    if use_gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_gpu else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
+# ============================================================================= train step
 
 def seed_everything(seed: int):
     random.seed(seed)
@@ -711,39 +842,31 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def amp_context(args):
-    if not args.amp:
-        return nullcontext()
-    device_type = torch.device(args.device).type
-    dtype = torch.bfloat16 if device_type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)  # no cached casts in a CUDA graph
-
-
-def make_optimizer(model, args, capturable: bool = False):
+def make_optimizer(model, optim: OptimConfig, capturable: bool = False):
     """AdamW (0.9, 0.95), fused (its found_inf lets the loss guard skip a step on the device);
     no weight decay on biases and norms (1-D parameters). capturable: can run in a CUDA graph."""
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True, capturable=capturable)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.peak_lr, betas=(0.9, 0.95), fused=True, capturable=capturable)
 
 
-def lr_at(step: int, steps_per_epoch: int, args) -> float:
+def lr_at(step: int, steps_per_epoch: int, optim: OptimConfig) -> float:
     """Per-iteration linear warmup, then half-cycle cosine to 0 (MAE's schedule)."""
     epoch = step / steps_per_epoch
-    if epoch < args.warmup_epochs:
-        return args.lr * epoch / args.warmup_epochs
-    progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-9)
-    return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if epoch < optim.warmup_epochs:
+        return optim.peak_lr * epoch / optim.warmup_epochs
+    progress = (epoch - optim.warmup_epochs) / max(optim.epochs - optim.warmup_epochs, 1e-9)
+    return optim.peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def compile_model(model: MAE, model_graphs: bool):
     """Regional compilation, in place (PyTorch's recipe for models of repeated blocks): the blocks
     of one shape share one compiled graph, and the three pieces of glue around them compile once
-    each. Cold, the 20 warm-up steps of --benchmark then take 16-34 s instead of the whole model's
-    46 s (H100 and H200, bf16; nvfp4: 29-41 s instead of 129 s) for the same step time.
+    each, so a cold compile traces each block shape once instead of the whole unrolled model
+    (README: Speed, "Compile"), for the same step time.
     model_graphs: CUDA graphs per region (mode="reduce-overhead") for single-GPU runs whose step
-    the Trainer cannot capture whole (TE, fp16's GradScaler). Evaluation, reconstructions and
+    TrainStep cannot capture whole (TE, fp16's GradScaler). Evaluation, reconstructions and
     --fp4-stats passes see other shapes, so they run the same modules eagerly
     (set_stance("force_eager")) rather than compile again."""
     options = dict(mode="reduce-overhead" if model_graphs else None, dynamic=False)
@@ -757,57 +880,92 @@ def start_compile_workers():
     """Call before loading data. Inductor compiles each graph's Triton kernels in a pool of worker
     processes, which it starts at its first compile and which takes seconds to come up (each
     worker imports torch); until then it compiles them one at a time in this process. Started
-    here, the pool comes up while the data loads: on an H200 a wholly cold --benchmark's 20
-    warm-up steps took 20.9 s instead of 27.7 s (bf16, batch 512), and its process reached
-    the end of the first step 8 s sooner."""
+    here, the pool comes up while the data loads."""
     from torch._inductor.async_compile import maybe_warm_pool
     maybe_warm_pool()
 
 
 def stop_compile_workers():
-    """Call once the first steps have compiled. Inductor starts a pool of compile workers (one per
-    CPU) on its first compile; with a warm cache the model compiles before they have finished
-    starting, and for seconds they take the CPUs the data loader needs (H200: 50 ms steps instead
-    of 7 ms for the first ~6 s). A later compile would start them again."""
+    """Call once the first steps have compiled. With a warm cache the model compiles before the
+    pool of compile workers (one per CPU) has finished starting, and for seconds the workers then
+    take the CPUs the data loader needs. A later compile would start them again."""
     from torch._inductor.async_compile import shutdown_compile_workers
     shutdown_compile_workers()
 
 
-class Trainer:
-    """Model, optimizer, scaler and loss guard; `step` runs one optimizer step.
+class NonFiniteLossError(RuntimeError):
+    pass
 
-    On one GPU with compile on (PyTorch backend, bf16 or fp32), the whole step (forward,
+
+class LossGuard:
+    """Skip optimizer steps whose loss or gradient norm is not finite, without a host sync.
+
+    `update` returns a 0/1 device tensor for the fused optimizer's `found_inf` (the step is
+    then a no-op); the counters live on the device and `check` reads them when the host syncs
+    anyway (at log time), stopping the run after `max_consecutive` bad steps in a row.
+    """
+
+    def __init__(self, max_consecutive: int, device):
+        self.max_consecutive = max_consecutive
+        zero = torch.zeros((), device=device, dtype=torch.int64)
+        self.skipped, self.streak, self.trigger_step = zero.clone(), zero.clone(), zero - 1
+
+    def update(self, loss: torch.Tensor, grad_norm: torch.Tensor, step) -> torch.Tensor:
+        """step: int or device tensor. The counters change in place (a CUDA graph replays this)."""
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.skipped.add_(bad)
+        self.streak.add_(1).mul_(bad)
+        first_trigger = (self.streak == self.max_consecutive) & (self.trigger_step < 0)
+        self.trigger_step.copy_(torch.where(first_trigger, step - self.max_consecutive + 1, self.trigger_step))
+        return bad.to(torch.float32)
+
+    def skipped_steps(self) -> int:
+        return int(self.skipped.item())
+
+    def check(self) -> None:
+        start = int(self.trigger_step.item())
+        if start >= 0:
+            raise NonFiniteLossError(
+                f"loss or gradient was not finite at step {start} and the "
+                f"{self.max_consecutive - 1} steps after it; those steps were skipped, "
+                f"so the weights are those of step {start - 1}")
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped.cpu(), "streak": self.streak.cpu(),
+                "trigger_step": self.trigger_step.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("skipped", "streak", "trigger_step"):
+            setattr(self, key, state[key].to(self.skipped.device))
+
+
+class TrainStep:
+    """One optimizer step of the MAE, called with a batch: model, optimizer, scaler, loss guard.
+
+    On one GPU with compile on (PyTorch backend, no GradScaler), the whole step (forward,
     backward, gradient norm, loss guard, fused AdamW) is captured in one CUDA graph after two
-    warm-up steps and replayed: the host then launches one graph per step. Compiled with
-    per-model CUDA graphs instead, the host spent ~7 ms a step (H100, bf16, batch 512: about
-    the GPU's time) and the data loader could not keep up."""
+    warm-up steps and replayed: the host then launches one graph per step. With per-region
+    graphs instead, the host still launches every region's graph and the optimizer's kernels,
+    and at small batches that takes as long as the GPU's step, which then waits on the host."""
 
-    def __init__(self, args, device, rank=0, world=1):
-        self.args, self.device, self.rank, self.world = args, device, rank, world
-        self.model, self.backend, self.recipe, self.model_lines = build_model(args, device)
-        fp16 = args.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    def __init__(self, config: Config, device, world=1):
+        self.device = device
+        self.model, self.precision = build_model(config, device, config.optim.batch_size // world)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision.needs_grad_scaler else None
         single_gpu = device.type == "cuda" and world == 1
         # TE has its own graph API (te.make_graphed_callables)
-        self.graphed = args.compile and single_gpu and self.scaler is None and self.backend != "te"
-        self.optimizer = make_optimizer(self.model, args, capturable=self.graphed)
-        self.guard = nvfp4.LossGuard(args.max_bad_steps, device)
-        if args.compile:
+        self.graphed = config.run.compile and single_gpu and self.scaler is None and self.precision.backend != "te"
+        self.optimizer = make_optimizer(self.model, config.optim, capturable=self.graphed)
+        self.guard = LossGuard(config.run.max_bad_steps, device)
+        if config.run.compile:
             compile_model(self.model, single_gpu and not self.graphed)
         self.net = self.model if world == 1 else nn.parallel.DistributedDataParallel(
             self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.amp = amp_context(args)
-        self.te_amp = te_backend.autocast(self.backend, self.recipe)
         self.step_number = torch.zeros((), dtype=torch.int64, device=device)
         self.graph, self.warm_steps, self.static_inputs, self.static_outputs = None, 0, None, None
 
-    @property
-    def backend_name(self) -> str:
-        """The backend line of the model's log lines, without its 'backend: ' label."""
-        return self.model_lines[0].removeprefix("backend: ")
-
-    def step(self, imgs, noise, lr: float, step: int):
-        """One optimizer step (number `step`, from 1); returns loss, grad norm, skipped (0/1), mask
+    def __call__(self, imgs, noise, lr: float, step: int):
+        """Optimizer step number `step` (from 1); returns loss, grad norm, skipped (0/1), mask
         (with CUDA graphs: the graph's output tensors, overwritten by the next step)."""
         self._set_lr(lr)
         self.step_number.fill_(step)
@@ -841,7 +999,7 @@ class Trainer:
                 group["lr"] = torch.tensor(lr, dtype=torch.float32, device=self.device)
 
     def _step(self, imgs, noise):
-        with self.amp, self.te_amp:
+        with self.precision.autocast():
             loss, _, mask = self.net(imgs, noise)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:
@@ -859,7 +1017,262 @@ class Trainer:
         return loss.detach(), grad_norm, found_inf, mask
 
 
-# ----------------------------------------------------------------------------- outputs
+# ============================================================================= training loop
+
+class Progress:
+    """Where a run is (epoch, batch within it, optimizer steps) and its running loss sums (on the
+    device): what a resumed run needs to continue the same schedule and the same metrics lines."""
+    SUMS = ("interval_loss", "interval_count", "epoch_loss", "epoch_count")
+
+    def __init__(self, device, state=None):
+        state = state or {}
+        self.epoch, self.batch, self.step = state.get("epoch", 0), state.get("batch", 0), state.get("step", 0)
+        self.sums = {k: torch.tensor(state.get("sums", {}).get(k, 0.0), device=device) for k in self.SUMS}
+
+    def add(self, loss, bad):
+        """Count a step's loss unless the guard skipped it."""
+        good = 1 - bad
+        for kind in ("interval", "epoch"):
+            self.sums[f"{kind}_loss"] += torch.nan_to_num(loss) * good
+            self.sums[f"{kind}_count"] += good
+
+    def take_mean(self, kind: str, world: int) -> float:
+        """The mean loss since the last take (over all ranks); the sums start again from zero."""
+        total = torch.stack([self.sums[f"{kind}_loss"], self.sums[f"{kind}_count"]])
+        if world > 1:
+            dist.all_reduce(total)
+        self.sums[f"{kind}_loss"].zero_()
+        self.sums[f"{kind}_count"].zero_()
+        return (total[0] / total[1].clamp_min(1)).item()
+
+    def state_dict(self, epoch: int, batch: int) -> dict:
+        return {"epoch": epoch, "batch": batch, "step": self.step,
+                "sums": {k: v.item() for k, v in self.sums.items()}}
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: finish the current step, checkpoint, exit. A second Ctrl-C exits at once."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, sig, frame):
+        if self.signal is not None and sig == signal.SIGINT:
+            os._exit(130)
+        self.signal = sig
+        tqdm.write(f"[stop] {signal.Signals(sig).name}: finishing this step, then checkpoint and exit "
+                   f"(Ctrl-C again to quit now)")
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    def __init__(self, sig, checkpoint):
+        super().__init__(f"stopped by {signal.Signals(sig).name}; checkpoint {checkpoint}")
+        self.sig, self.checkpoint = sig, checkpoint
+
+
+class TrainingLoop:
+    """One training run: data, train step, run folder, log and progress; `train` runs the epochs.
+    run_dir and ckpt: the folder and checkpoint of a resumed run."""
+
+    def __init__(self, config: Config, rank=0, world=1, run_dir=None, ckpt=None, resume_changes=()):
+        self.config, self.rank, self.world = config, rank, world
+        self.device = torch.device(config.run.device)
+        seed = config.run.seed
+        seed_everything(seed_for(seed, rank))
+        self.train_split, self.heldout_split = load_images(config, train=True), load_images(config, train=False)
+        if len(self.train_split.images) < config.optim.batch_size:
+            raise UsageError(f"--batch-size {config.optim.batch_size} is larger than the "
+                             f"{len(self.train_split.images)} training images")
+        self.loader = make_loader(config, self.train_split, rank, world)
+        torch.manual_seed(seed)  # the same initial weights on every rank and backend
+        self.train_step = TrainStep(config, self.device, world)
+        seed_everything(seed_for(seed, rank))  # per-rank streams again (stochastic rounding)
+        self.progress = Progress(self.device, ckpt["progress"] if ckpt else None)
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.run_dir = run_dir if ckpt is not None else (make_run_dir(config) if rank == 0 else None)
+        self.log = RunLog(self.run_dir, config, rank == 0)
+        if rank == 0 and ckpt is None:
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        self.summary = {"curve": [], "run_dir": str(self.run_dir), "backend": self.train_step.precision.backend_name}
+        self.fp4_rows = {}
+        self._announce(resume_changes, ckpt is not None)
+
+    def _restore(self, ckpt):
+        t = self.train_step
+        load_model_state(t.model, ckpt["model"], "the checkpoint")
+        t.optimizer.load_state_dict(ckpt["optimizer"])
+        if t.scaler and ckpt["scaler"]:
+            t.scaler.load_state_dict(ckpt["scaler"])
+        t.guard.load_state_dict(ckpt["guard"])
+        if self.world == 1:
+            set_rng_state(ckpt["rng"], self.device)
+        else:  # DDP ranks re-derive their RNG (used by stochastic rounding only) from seed, rank, step
+            torch.manual_seed(seed_for(self.config.run.seed, self.rank, self.progress.step))
+
+    def _announce(self, resume_changes, resumed):
+        c, m, log = self.config, self.config.model, self.log
+        noise = " (random noise: smoke runs and benchmarks only)" if c.data.dataset == "fake" else ""
+        log.print(f"[run] {self.run_dir}  |  {c.data.dataset}: {len(self.train_split.images)} train images{noise}, "
+                  f"{c.data.loader} loader on {self.device}")
+        log.print(f"[model] {m.preset}: encoder {m.embed_dim}x{m.depth}, decoder {m.decoder_embed_dim}x"
+                  f"{m.decoder_depth}, {m.img_size}px / patch {m.patch_size} = {m.num_patches} patches, "
+                  f"{m.num_visible} visible | {sum(p.numel() for p in self.train_step.model.parameters()) / 1e6:.2f}M params")
+        for line in self.train_step.precision.describe(self.train_step.model.gemms):
+            log.print(f"[precision] {line}")
+        o = c.optim
+        log.print(f"[optim] batch {o.batch_size} ({self.world} process{'es' if self.world > 1 else ''}), "
+                  f"lr {o.peak_lr:.3g}, warmup {o.warmup_epochs:g} of {o.epochs} epochs, AMP "
+                  f"{'on' if c.precision.amp else 'off'}, compile {'on' if c.run.compile else 'off'}"
+                  f"{' (whole step in one CUDA graph)' if self.train_step.graphed else ''}, seed {c.run.seed}")
+        for change in resume_changes:
+            log.print(f"[resume] {change}")
+        if resumed:
+            p = self.progress
+            log.print(f"[resume] from step {p.step} (epoch {p.epoch + 1}, batch {p.batch})")
+
+    def train(self) -> dict:
+        """All epochs; a checkpoint every --save-every epochs and at the end; reconstructions."""
+        stop = StopRequest()
+        stop.install()
+        self.start_time = time.perf_counter()
+        epochs, save_every = self.config.optim.epochs, self.config.run.save_every
+        try:
+            for epoch in range(self.progress.epoch, epochs):
+                self._epoch(epoch, stop)
+                if self.rank == 0 and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs):
+                    self.summary["checkpoint"] = str(self._checkpoint(epoch + 1, 0))
+        except NonFiniteLossError as error:
+            found = checkpoints(self.run_dir) if self.run_dir else []
+            self.log.print(f"[stop] {error}. Last good checkpoint: {found[-1] if found else 'none yet'}")
+            self.log.close()
+            raise
+        finally:
+            stop.restore()
+        self._finish()
+        return self.summary
+
+    def _epoch(self, epoch, stop):
+        o, p, steps = self.config.optim, self.progress, len(self.loader)
+        first = p.batch if epoch == p.epoch else 0
+        t0 = interval_t0 = time.perf_counter()
+        seen = interval_seen = 0
+        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{o.epochs}", disable=self.rank != 0,
+                   dynamic_ncols=True, leave=False)
+        for b, (imgs, noise) in enumerate(self.loader.epoch(epoch, first), start=first):
+            loss, grad_norm, bad, mask = self.train_step(imgs, noise, lr_at(p.step, steps, o), p.step + 1)
+            p.step += 1
+            p.add(loss, bad)
+            seen, interval_seen = seen + o.batch_size, interval_seen + o.batch_size
+            bar.update(1)
+            if p.step == 3 and "warmup_s" not in self.summary:
+                self._report_warmup()
+            if p.step % self.config.run.log_every == 0:
+                m = self.config.model
+                check_mask(mask, len(imgs), m.num_patches, m.num_patches - m.num_visible)
+                record = self._log_step(epoch, lr_at(p.step - 1, steps, o), grad_norm,
+                                        interval_seen / (time.perf_counter() - interval_t0), imgs, noise)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.0f}")
+                interval_t0, interval_seen = time.perf_counter(), 0
+            if stop.signal is not None:
+                bar.close()
+                self._interrupt(stop.signal, epoch, b + 1)
+        bar.close()
+        self._log_epoch(epoch, seen, time.perf_counter() - t0)
+
+    def _report_warmup(self):
+        if self.config.run.compile:
+            stop_compile_workers()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.summary["warmup_s"] = time.perf_counter() - self.start_time
+        what = "compile warm-up" if self.config.run.compile else "no compile"
+        self.log.print(f"[speed] first 3 steps ({what}) took {self.summary['warmup_s']:.1f} s")
+
+    def _log_step(self, epoch, lr, grad_norm, img_per_s, imgs, noise) -> dict:
+        self.train_step.guard.check()
+        record = {"type": "step", "step": self.progress.step, "epoch": epoch + 1,
+                  "loss": self.progress.take_mean("interval", self.world), "lr": lr, "grad_norm": grad_norm.item(),
+                  "skipped_steps": self.train_step.guard.skipped_steps(), "img_per_s": img_per_s}
+        self.log.metrics(record)
+        self.summary["curve"].append((record["step"], record["loss"]))
+        if self.config.precision.fp4_stats and self.rank == 0:
+            rows = fp4_diagnostics(self.train_step, imgs, noise)
+            self.log.metrics({"type": "fp4_stats", "step": self.progress.step, "layers": rows})
+            for key, row in rows.items():
+                self.fp4_rows.setdefault(key, []).append(row)
+        return record
+
+    def _log_epoch(self, epoch, seen, seconds):
+        self.train_step.guard.check()
+        record = {"type": "epoch", "epoch": epoch + 1, "step": self.progress.step,
+                  "loss": self.progress.take_mean("epoch", self.world), "skipped_steps": self.train_step.guard.skipped_steps(),
+                  "time_s": seconds, "img_per_s": seen / seconds}
+        self.log.metrics(record)
+        skipped = f"  skipped {record['skipped_steps']}" if record["skipped_steps"] else ""
+        self.log.print(f"epoch {epoch + 1}/{self.config.optim.epochs}  loss {record['loss']:.4f}  "
+                       f"{record['img_per_s']:.0f} img/s  {seconds:.1f} s{skipped}")
+        self.summary.update(final_loss=record["loss"], img_per_s=record["img_per_s"])
+
+    def _checkpoint(self, epoch, batch) -> Path:
+        return save_checkpoint(self.train_step, self.config, self.run_dir, self.progress.state_dict(epoch, batch))
+
+    def _interrupt(self, sig, epoch, batch):
+        checkpoint = None
+        if self.rank == 0:
+            checkpoint = self._checkpoint(epoch, batch)
+            save_reconstructions(self.train_step, self.config, self.heldout_split.images, self.run_dir,
+                                 f"recon_step{self.progress.step:08d}")
+            self.log.print(f"[stop] checkpoint {checkpoint}; continue with --resume {self.run_dir}")
+        self.log.close()
+        raise Interrupted(sig, checkpoint)
+
+    def _finish(self):
+        if self.rank == 0:
+            png = save_reconstructions(self.train_step, self.config, self.heldout_split.images, self.run_dir,
+                                       f"final_recon_ep{self.config.optim.epochs:04d}")
+            self.summary["recon"] = str(png)
+            self.log.print(f"[final] reconstructions: {png} (rows: original | visible | reconstruction)")
+            if self.fp4_rows:
+                self.summary["fp4_stats"] = summarize_fp4(self.fp4_rows, self.log)
+        if self.device.type == "cuda":
+            self.summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        self.log.close()
+
+
+@torch.compiler.set_stance("force_eager")
+def fp4_diagnostics(train_step: TrainStep, imgs, noise):
+    """One eager forward/backward with NVFP4 statistics on (no optimizer step, training RNG untouched)."""
+    devices = [train_step.device] if train_step.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), nvfp4.collect_fp4_stats() as stats:
+        with train_step.precision.autocast():
+            loss, _, _ = train_step.model(imgs, noise)
+        loss.backward()
+    train_step.optimizer.zero_grad(set_to_none=True)
+    return stats.rows
+
+
+def summarize_fp4(rows_by_key, log):
+    summary = {key: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for key, rows in rows_by_key.items()}
+    log.print("[fp4-stats] mean over logged steps:  layer.operand  flushed-to-zero  at-block-max  "
+              "scale range  rel. error")
+    for key, s in summary.items():
+        log.print(f"  {key:32s} {s['flushed_to_zero']:8.2%} {s['at_block_max']:8.2%}  "
+                  f"[{s['scale_min']:.3g}, {s['scale_max']:.3g}]  {s['rel_error']:.3f}")
+    log.metrics({"type": "fp4_summary", "layers": summary})
+    return summary
+
+
+# ============================================================================= outputs
 
 def atomic_save(obj, path: Path):
     """torch.save to a temp file, fsync, rename: a crash never leaves a truncated file."""
@@ -892,18 +1305,20 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def json_args(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("explicit",)}
+def checkpoints(run_dir: Path) -> list:
+    """A run folder's checkpoints, oldest first."""
+    return sorted(Path(run_dir).glob("checkpoint_step*.pt"))
 
 
-def save_checkpoint(trainer, run_dir: Path, progress: dict, keep_last: int) -> Path:
-    """model, optimizer, scaler, loss guard, progress (epoch, batch, step, running sums), args, RNG."""
-    state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-             "scaler": trainer.scaler.state_dict() if trainer.scaler else None, "guard": trainer.guard.state_dict(),
-             "progress": progress, "args": json_args(trainer.args), "rng": rng_state(trainer.device)}
+def save_checkpoint(train_step: TrainStep, config: Config, run_dir: Path, progress: dict) -> Path:
+    """model, optimizer, scaler, loss guard, progress (epoch, batch, step, running sums), config, RNG."""
+    t = train_step
+    state = {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+             "scaler": t.scaler.state_dict() if t.scaler else None, "guard": t.guard.state_dict(),
+             "progress": progress, "config": asdict(config), "rng": rng_state(t.device)}
     path = run_dir / f"checkpoint_step{progress['step']:08d}.pt"
     atomic_save(state, path)
-    for old in sorted(run_dir.glob("checkpoint_step*.pt"))[:-keep_last]:
+    for old in checkpoints(run_dir)[:-config.run.keep_last]:
         old.unlink()
     return path
 
@@ -911,7 +1326,7 @@ def save_checkpoint(trainer, run_dir: Path, progress: dict, keep_last: int) -> P
 def find_checkpoint(path: str) -> Path:
     p = Path(path)
     if p.is_dir():
-        found = sorted(p.glob("checkpoint_step*.pt"))
+        found = checkpoints(p)
         if not found:
             raise UsageError(f"--resume {path}: no checkpoint_step*.pt in this folder")
         return found[-1]
@@ -920,17 +1335,24 @@ def find_checkpoint(path: str) -> Path:
     return p
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint is untrusted input: weights_only=True unpickles tensors and plain data only."""
+def load_checkpoint(path: Path) -> tuple:
+    """(checkpoint dict, its Config). A checkpoint is untrusted input: weights_only=True
+    unpickles tensors and plain data only."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UsageError(f"checkpoint {path} cannot be read: corrupt, truncated or not a checkpoint "
                          f"({type(error).__name__})") from None
-    missing = {"model", "optimizer", "args", "progress"} - set(ckpt) if isinstance(ckpt, dict) else {"all"}
+    if isinstance(ckpt, dict) and "args" in ckpt and "config" not in ckpt:
+        raise UsageError(f"checkpoint {path} was written by an earlier asmae_minimal.py (flat 'args', not a "
+                         f"'config'); resume or evaluate it with that version")
+    missing = {"model", "optimizer", "config", "progress"} - set(ckpt) if isinstance(ckpt, dict) else {"all"}
     if missing:
         raise UsageError(f"checkpoint {path} is not from asmae_minimal.py (missing {', '.join(sorted(missing))})")
-    return ckpt
+    try:
+        return ckpt, Config.from_dict(ckpt["config"])
+    except (TypeError, KeyError, AttributeError) as error:
+        raise UsageError(f"checkpoint {path} holds a config this version cannot read ({error})") from None
 
 
 def load_model_state(model, state: dict, source: str):
@@ -943,36 +1365,16 @@ def load_model_state(model, state: dict, source: str):
     model.load_state_dict(state, strict=False)
 
 
-def merge_resume_args(ckpt_args: dict, args):
-    """The checkpoint's config, with harmless explicit changes applied and conflicts refused."""
-    merged = argparse.Namespace(**ckpt_args)
-    changes = []
-    for key in args.explicit:
-        if key in ("resume",):
-            continue
-        old, new = ckpt_args.get(key), getattr(args, key)
-        if key in RESUME_CONFLICTS and old != new:
-            raise UsageError(f"--{key.replace('_', '-')} {new} conflicts with the checkpoint ({key}={old}); "
-                             f"a resumed run keeps its model, data and precision")
-        if old != new:
-            changes.append(f"{key} {old} -> {new}")
-        setattr(merged, key, new)
-    merged.device = args.device
-    merged.resume, merged.explicit = args.resume, args.explicit
-    merged.amp = ckpt_args["amp"] if "amp" not in args.explicit else args.amp
-    return merged, changes
-
-
 class RunLog:
     """metrics.jsonl (appended), stdout lines and optional W&B, written by rank 0 only."""
 
-    def __init__(self, run_dir: Path, args, active: bool):
+    def __init__(self, run_dir: Path, config: Config, active: bool):
         self.active, self.wandb = active, None
         self.file = open(run_dir / "metrics.jsonl", "a") if active else None
-        if active and args.use_wandb:
+        if active and config.run.use_wandb:
             import wandb
-            self.wandb = wandb.init(project=args.wandb_project, name=run_dir.name, dir=str(run_dir),
-                                    config=json_args(args), resume="allow")
+            self.wandb = wandb.init(project=config.run.wandb_project, name=run_dir.name, dir=str(run_dir),
+                                    config=config.flat(), resume="allow")
 
     def metrics(self, record: dict):
         if not self.active:
@@ -994,17 +1396,20 @@ class RunLog:
             self.wandb.finish()
 
 
-def make_run_dir(args) -> Path:
-    out = Path(args.out_dir)
-    if args.run_name:
-        run_dir = out / args.run_name
+def make_run_dir(config: Config, kind: Optional[str] = None) -> Path:
+    """OUT_DIR/RUN_NAME (--overwrite replaces it), or a new OUT_DIR/dataset-model-KIND-timestamp
+    (KIND: the precision, or e.g. 'compare')."""
+    r, out = config.run, Path(config.run.out_dir)
+    if r.run_name:
+        run_dir = out / r.run_name
         if run_dir.exists() and any(run_dir.iterdir()):
-            if not args.overwrite:
+            if not r.overwrite:
                 raise UsageError(f"{run_dir} exists; pass --overwrite to replace it, another --run-name, "
                                  f"or --resume {run_dir} to continue it")
             shutil.rmtree(run_dir)
     else:
-        base = out / f"{args.dataset}-{args.model}-{args.precision}-{time.strftime('%Y%m%d-%H%M%S')}"
+        kind = kind or config.precision.name
+        base = out / f"{config.data.dataset}-{config.model.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir, n = base, 1
         while run_dir.exists():
             n += 1
@@ -1015,320 +1420,58 @@ def make_run_dir(args) -> Path:
 
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")
-def reconstruct(model, imgs, noise, args):
-    """(loss, originals, visible-only, reconstruction with visible patches pasted in), de-normalized."""
-    p = args.patch_size
-    with amp_context(args):
+def reconstruct(model: MAE, imgs, noise, precision: nvfp4.Precision, dataset: str):
+    """(loss, originals, visible-only, reconstruction with visible patches pasted in, mask),
+    de-normalized with `dataset`'s statistics."""
+    p = model.cfg.patch_size
+    with precision.autocast():
         loss, pred, mask = model(imgs, noise)
     pred, target = pred.float(), patchify(imgs, p)
-    if args.norm_pix_loss:  # back to pixels with each patch's own statistics, as MAE's visualization
+    if model.cfg.norm_pix_loss:  # back to pixels with each patch's own statistics, as MAE's visualization
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
     m = mask.unsqueeze(-1)
-    mean, std = (torch.tensor(s, device=imgs.device).view(1, 3, 1, 1) for s in dataset_stats(args.dataset))
+    mean, std = (torch.tensor(s, device=imgs.device).view(1, 3, 1, 1) for s in dataset_stats(dataset))
     show = lambda patches: (unpatchify(patches.contiguous(), p) * std + mean).clamp(0, 1)
     return loss.item(), show(target), show(target * (1 - m)), show(pred * m + target * (1 - m)), mask
 
 
-def save_reconstructions(model, eval_images, args, run_dir: Path, epoch: int) -> Path:
-    """runs/<run>/recons/final_recon_epXXXX.{png,pt}: rows original | visible-only | reconstruction;
-    the same files are copied to <out-dir>/recons/ as the latest run's view."""
-    device = next(model.parameters()).device
-    imgs = plain_batches(eval_images, args, 8).to(device)
-    noise = torch.rand(len(imgs), (args.img_size // args.patch_size) ** 2,
-                       generator=torch.Generator().manual_seed(args.seed)).to(device)
+def save_reconstructions(train_step: TrainStep, config: Config, heldout_images, run_dir: Path, name: str) -> Path:
+    """run_dir/recons/NAME.{png,pt} for 8 held-out images: rows original | visible-only |
+    reconstruction; the same files are copied to <out-dir>/recons/ as the latest run's view."""
+    model, device = train_step.model, train_step.device
+    imgs = plain_images(heldout_images[:8], config.data.dataset, config.model.img_size).to(device)
+    noise = torch.rand(len(imgs), config.model.num_patches,
+                       generator=torch.Generator().manual_seed(config.run.seed)).to(device)
     was_training = model.training
     model.eval()
-    loss, originals, visible, recon, mask = reconstruct(model, imgs, noise, args)
+    loss, originals, visible, recon, mask = reconstruct(model, imgs, noise, train_step.precision, config.data.dataset)
     model.train(was_training)
     folder = run_dir / "recons"
     folder.mkdir(exist_ok=True)
-    png = folder / f"final_recon_ep{epoch:04d}.png"
+    png = folder / f"{name}.png"
     save_image(make_grid(torch.cat([originals, visible, recon]).cpu(), nrow=len(imgs)), png)
     torch.save({"imgs": originals.cpu(), "visible": visible.cpu(), "recon": recon.cpu(),
                 "mask": mask.cpu(), "loss": loss}, png.with_suffix(".pt"))
-    latest = Path(args.out_dir) / "recons"
+    latest = Path(config.run.out_dir) / "recons"
     latest.mkdir(parents=True, exist_ok=True)
     for f in (png, png.with_suffix(".pt")):
         shutil.copyfile(f, latest / f.name)
     return png
 
 
-class StopRequest:
-    """SIGINT/SIGTERM: finish the current step, checkpoint, exit. A second Ctrl-C exits at once."""
-
-    def __init__(self):
-        self.signal = None
-        self.previous = {}
-
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, sig, frame):
-        if self.signal is not None and sig == signal.SIGINT:
-            os._exit(130)
-        self.signal = sig
-        tqdm.write(f"[stop] {signal.Signals(sig).name}: finishing this step, then checkpoint and exit "
-                   f"(Ctrl-C again to quit now)")
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class Interrupted(Exception):
-    def __init__(self, sig, checkpoint):
-        super().__init__(f"stopped by {signal.Signals(sig).name}; checkpoint {checkpoint}")
-        self.sig, self.checkpoint = sig, checkpoint
-
-
-# ----------------------------------------------------------------------------- training
-
-class Progress:
-    """Where a run is (epoch, batch within it, optimizer steps) and its running loss sums (on the
-    device): what a resumed run needs to continue the same schedule and the same metrics lines."""
-    SUMS = ("interval_loss", "interval_count", "epoch_loss", "epoch_count")
-
-    def __init__(self, device, state=None):
-        state = state or {}
-        self.epoch, self.batch, self.step = state.get("epoch", 0), state.get("batch", 0), state.get("step", 0)
-        self.sums = {k: torch.tensor(state.get("sums", {}).get(k, 0.0), device=device) for k in self.SUMS}
-
-    def add(self, loss, bad):
-        """Count a step's loss unless the guard skipped it."""
-        good = 1 - bad
-        for kind in ("interval", "epoch"):
-            self.sums[f"{kind}_loss"] += torch.nan_to_num(loss) * good
-            self.sums[f"{kind}_count"] += good
-
-    def mean(self, kind: str, world: int) -> float:
-        """Mean loss since the last reset (over all ranks), then reset."""
-        total = all_reduce_sum(torch.stack([self.sums[f"{kind}_loss"], self.sums[f"{kind}_count"]]), world)
-        self.sums[f"{kind}_loss"].zero_()
-        self.sums[f"{kind}_count"].zero_()
-        return (total[0] / total[1].clamp_min(1)).item()
-
-    def state_dict(self, epoch: int, batch: int) -> dict:
-        return {"epoch": epoch, "batch": batch, "step": self.step,
-                "sums": {k: v.item() for k, v in self.sums.items()}}
-
-
-def all_reduce_sum(t, world):
-    if world > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
-
-
-class Run:
-    """One training run: data, trainer, run folder, log and progress; `train` runs it."""
-
-    def __init__(self, args, rank=0, world=1, ckpt=None, resume_changes=()):
-        self.args, self.rank, self.world = args, rank, world
-        self.device = torch.device(args.device)
-        if args.batch_size % world:
-            raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
-        seed_everything(seed_for(args.seed, rank))
-        self.train_images, self.train_labels, train_ds = load_images(args, train=True)
-        self.eval_images, self.eval_labels, _ = load_images(args, train=False)
-        if len(self.train_images) < args.batch_size:
-            raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(self.train_images)} training images")
-        self.loader = (TensorLoader(self.train_images, args, rank, world) if args.loader == "tensor"
-                       else TorchvisionLoader(train_ds, args, rank, world))
-        torch.manual_seed(args.seed)  # the same initial weights on every rank and backend
-        self.trainer = Trainer(args, self.device, rank, world)
-        seed_everything(seed_for(args.seed, rank))  # per-rank streams again (stochastic rounding)
-        self.progress = Progress(self.device, ckpt["progress"] if ckpt else None)
-        if ckpt is not None:
-            self._restore(ckpt)
-        self.run_dir = Path(args.resume_dir) if ckpt is not None else (make_run_dir(args) if rank == 0 else None)
-        self.log = RunLog(self.run_dir, args, rank == 0)
-        if rank == 0 and ckpt is None:
-            (self.run_dir / "config.json").write_text(json.dumps(json_args(args), indent=2))
-        self.summary = {"curve": [], "run_dir": str(self.run_dir), "backend": self.trainer.backend_name}
-        self.fp4_rows = {}
-        self._announce(resume_changes, ckpt is not None)
-
-    def _restore(self, ckpt):
-        trainer = self.trainer
-        load_model_state(trainer.model, ckpt["model"], "the checkpoint")
-        trainer.optimizer.load_state_dict(ckpt["optimizer"])
-        if trainer.scaler and ckpt["scaler"]:
-            trainer.scaler.load_state_dict(ckpt["scaler"])
-        trainer.guard.load_state_dict(ckpt["guard"])
-        if self.world == 1:
-            set_rng_state(ckpt["rng"], self.device)
-        else:  # DDP ranks re-derive their RNG (used by stochastic rounding only) from seed, rank, step
-            torch.manual_seed(seed_for(self.args.seed, self.rank, self.progress.step))
-
-    def _announce(self, resume_changes, resumed):
-        args, cfg, log = self.args, self.trainer.model.cfg, self.log
-        noise = " (random noise: smoke runs and benchmarks only)" if args.dataset == "fake" else ""
-        log.print(f"[run] {self.run_dir}  |  {args.dataset}: {len(self.train_images)} train images{noise}, "
-                  f"{args.loader} loader on {self.device}")
-        log.print(f"[model] {args.model}: encoder {cfg.embed_dim}x{cfg.depth}, decoder {cfg.decoder_embed_dim}x"
-                  f"{cfg.decoder_depth}, {args.img_size}px / patch {args.patch_size} = {cfg.num_patches} patches, "
-                  f"{cfg.num_visible} visible | {sum(p.numel() for p in self.trainer.model.parameters()) / 1e6:.2f}M params")
-        for line in self.trainer.model_lines:
-            log.print(f"[precision] {line}")
-        log.print(f"[optim] batch {args.batch_size} ({self.world} process{'es' if self.world > 1 else ''}), "
-                  f"lr {args.lr:.3g}, warmup {args.warmup_epochs} of {args.epochs} epochs, AMP "
-                  f"{'on' if args.amp else 'off'}, compile {'on' if args.compile else 'off'}"
-                  f"{' (whole step in one CUDA graph)' if self.trainer.graphed else ''}, seed {args.seed}")
-        for change in resume_changes:
-            log.print(f"[resume] {change}")
-        if resumed:
-            p = self.progress
-            log.print(f"[resume] from step {p.step} (epoch {p.epoch + 1}, batch {p.batch})")
-
-    def train(self) -> dict:
-        """All epochs; a checkpoint every --save-every epochs and at the end; reconstructions."""
-        stop = StopRequest()
-        stop.install()
-        self.start_time = time.perf_counter()
-        try:
-            for epoch in range(self.progress.epoch, self.args.epochs):
-                self._epoch(epoch, stop)
-                if self.rank == 0 and ((epoch + 1) % self.args.save_every == 0 or epoch + 1 == self.args.epochs):
-                    self.summary["checkpoint"] = str(self._checkpoint(epoch + 1, 0))
-        except nvfp4.NonFiniteLossError as error:
-            self.log.print(f"[stop] {error}. Last good checkpoint: {latest_checkpoint(self.run_dir)}")
-            self.log.close()
-            raise
-        finally:
-            stop.restore()
-        self._finish()
-        return self.summary
-
-    def _epoch(self, epoch, stop):
-        args, p, steps = self.args, self.progress, len(self.loader)
-        first = p.batch if epoch == p.epoch else 0
-        t0 = interval_t0 = time.perf_counter()
-        seen = interval_seen = 0
-        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}", disable=self.rank != 0,
-                   dynamic_ncols=True, leave=False)
-        for b, (imgs, noise) in enumerate(self.loader.epoch(epoch, first), start=first):
-            loss, grad_norm, bad, mask = self.trainer.step(imgs, noise, lr_at(p.step, steps, args), p.step + 1)
-            p.step += 1
-            p.add(loss, bad)
-            seen, interval_seen = seen + args.batch_size, interval_seen + args.batch_size
-            bar.update(1)
-            if p.step == 3 and "warmup_s" not in self.summary:
-                self._report_warmup()
-            if p.step % args.log_every == 0:
-                cfg = self.trainer.model.cfg
-                check_mask(mask, len(imgs), cfg.num_patches, cfg.num_patches - cfg.num_visible)
-                record = self._log_step(epoch, lr_at(p.step - 1, steps, args), grad_norm,
-                                        interval_seen / (time.perf_counter() - interval_t0), imgs, noise)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.0f}")
-                interval_t0, interval_seen = time.perf_counter(), 0
-            if stop.signal is not None:
-                bar.close()
-                self._interrupt(stop.signal, epoch, b + 1)
-        bar.close()
-        self._log_epoch(epoch, seen, time.perf_counter() - t0)
-
-    def _report_warmup(self):
-        if self.args.compile:
-            stop_compile_workers()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.summary["warmup_s"] = time.perf_counter() - self.start_time
-        what = "compile warm-up" if self.args.compile else "no compile"
-        self.log.print(f"[speed] first 3 steps ({what}) took {self.summary['warmup_s']:.1f} s")
-
-    def _log_step(self, epoch, lr, grad_norm, img_per_s, imgs, noise) -> dict:
-        self.trainer.guard.check()
-        record = {"type": "step", "step": self.progress.step, "epoch": epoch + 1,
-                  "loss": self.progress.mean("interval", self.world), "lr": lr, "grad_norm": grad_norm.item(),
-                  "skipped_steps": self.trainer.guard.skipped_steps(), "img_per_s": img_per_s}
-        self.log.metrics(record)
-        self.summary["curve"].append((record["step"], record["loss"]))
-        if self.args.fp4_stats and self.rank == 0:
-            rows = fp4_diagnostics(self.trainer, imgs, noise)
-            self.log.metrics({"type": "fp4_stats", "step": self.progress.step, "layers": rows})
-            for key, row in rows.items():
-                self.fp4_rows.setdefault(key, []).append(row)
-        return record
-
-    def _log_epoch(self, epoch, seen, seconds):
-        self.trainer.guard.check()
-        record = {"type": "epoch", "epoch": epoch + 1, "step": self.progress.step,
-                  "loss": self.progress.mean("epoch", self.world), "skipped_steps": self.trainer.guard.skipped_steps(),
-                  "time_s": seconds, "img_per_s": seen / seconds}
-        self.log.metrics(record)
-        skipped = f"  skipped {record['skipped_steps']}" if record["skipped_steps"] else ""
-        self.log.print(f"epoch {epoch + 1}/{self.args.epochs}  loss {record['loss']:.4f}  "
-                       f"{record['img_per_s']:.0f} img/s  {seconds:.1f} s{skipped}")
-        self.summary.update(final_loss=record["loss"], img_per_s=record["img_per_s"])
-
-    def _checkpoint(self, epoch, batch) -> Path:
-        return save_checkpoint(self.trainer, self.run_dir, self.progress.state_dict(epoch, batch), self.args.keep_last)
-
-    def _interrupt(self, sig, epoch, batch):
-        checkpoint = None
-        if self.rank == 0:
-            checkpoint = self._checkpoint(epoch, batch)
-            save_reconstructions(self.trainer.model, self.eval_images, self.args, self.run_dir, epoch)
-            self.log.print(f"[stop] checkpoint {checkpoint}; continue with --resume {self.run_dir}")
-        self.log.close()
-        raise Interrupted(sig, checkpoint)
-
-    def _finish(self):
-        if self.rank == 0:
-            self.summary["recon"] = str(save_reconstructions(self.trainer.model, self.eval_images, self.args,
-                                                             self.run_dir, self.args.epochs))
-            self.log.print(f"[final] reconstructions: {self.summary['recon']} "
-                           f"(rows: original | visible | reconstruction)")
-            if self.fp4_rows:
-                self.summary["fp4_stats"] = summarize_fp4(self.fp4_rows, self.log)
-        if self.device.type == "cuda":
-            self.summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-        self.log.close()
-
-
-def latest_checkpoint(run_dir):
-    found = sorted(Path(run_dir).glob("checkpoint_step*.pt")) if run_dir else []
-    return found[-1] if found else "none yet"
-
-
-@torch.compiler.set_stance("force_eager")
-def fp4_diagnostics(trainer, imgs, noise):
-    """One eager forward/backward with NVFP4 statistics on (no optimizer step, training RNG untouched)."""
-    devices = [trainer.device] if trainer.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), nvfp4.collect_fp4_stats() as stats:
-        with trainer.amp:
-            loss, _, _ = trainer.model(imgs, noise)
-        loss.backward()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    return stats.rows
-
-
-def summarize_fp4(rows_by_key, log):
-    summary = {key: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for key, rows in rows_by_key.items()}
-    log.print("[fp4-stats] mean over logged steps:  layer.operand  flushed-to-zero  at-block-max  "
-              "scale range  rel. error")
-    for key, s in summary.items():
-        log.print(f"  {key:32s} {s['flushed_to_zero']:8.2%} {s['at_block_max']:8.2%}  "
-                  f"[{s['scale_min']:.3g}, {s['scale_max']:.3g}]  {s['rel_error']:.3f}")
-    log.metrics({"type": "fp4_summary", "layers": summary})
-    return summary
-
-
-# ----------------------------------------------------------------------------- evaluation
+# ============================================================================= evaluation
 
 @torch.no_grad()
-def heldout_metrics(model, images, args, limit=10_000, batch=256):
+def heldout_metrics(model: MAE, images, precision: nvfp4.Precision, dataset: str, seed: int, limit=10_000, batch=256):
     """Masked-patch MSE (normalized space) and PSNR of masked pixels in [0, 1], fixed masks."""
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed_for(args.seed, 7))
+    device, cfg = next(model.parameters()).device, model.cfg
+    g = torch.Generator().manual_seed(seed_for(seed, 7))
     loss_sum, sq_err, pixels, n = 0.0, 0.0, 0.0, min(limit, len(images))
     for start in range(0, n, batch):
-        imgs = plain_batches(images[start:min(start + batch, n)], args, batch).to(device)
-        noise = torch.rand(len(imgs), (args.img_size // args.patch_size) ** 2, generator=g).to(device)
-        loss, originals, _, recon, mask = reconstruct(model, imgs, noise, args)
-        pixel_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, args.patch_size ** 2 * 3).contiguous(),
-                                args.patch_size)
+        imgs = plain_images(images[start:min(start + batch, n)], dataset, cfg.img_size).to(device)
+        noise = torch.rand(len(imgs), cfg.num_patches, generator=g).to(device)
+        loss, originals, _, recon, mask = reconstruct(model, imgs, noise, precision, dataset)
+        pixel_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, cfg.patch_size ** 2 * 3).contiguous(), cfg.patch_size)
         sq_err += ((recon - originals).square() * pixel_mask).sum().item()
         pixels += pixel_mask.sum().item()
         loss_sum += loss * len(imgs)
@@ -1341,12 +1484,13 @@ def psnr(mse: float, peak: float = 1.0) -> float:
 
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")
-def extract_features(model, images, args, batch=512):
+def extract_features(model: MAE, images, precision: nvfp4.Precision, dataset: str, batch=512):
     device = next(model.parameters()).device
     feats = []
     for start in range(0, len(images), batch):
-        with amp_context(args):
-            feats.append(model.features(plain_batches(images[start:start + batch], args, batch).to(device)).float())
+        with precision.autocast():
+            x = plain_images(images[start:start + batch], dataset, model.cfg.img_size).to(device)
+            feats.append(model.features(x).float())
     return torch.cat(feats)
 
 
@@ -1385,34 +1529,32 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07):
     return correct / len(test_x)
 
 
-def evaluate(model, args, train_images, train_labels, eval_images, eval_labels) -> dict:
+def evaluate(model: MAE, precision: nvfp4.Precision, config: Config, train: Split, heldout: Split) -> dict:
+    """Held-out loss and PSNR; with labels, linear-probe and kNN accuracy on encoder features."""
+    dataset, seed = config.data.dataset, config.run.seed
     model.eval()
-    results = heldout_metrics(model, eval_images, args)
-    if train_labels is not None and eval_labels is not None and len(train_labels.unique()) > 1:
+    results = heldout_metrics(model, heldout.images, precision, dataset, seed)
+    if train.labels is not None and heldout.labels is not None and len(train.labels.unique()) > 1:
         device = next(model.parameters()).device
-        train_x, test_x = extract_features(model, train_images, args), extract_features(model, eval_images, args)
-        train_y, test_y = train_labels.to(device), eval_labels.to(device)
-        results["linear_probe_acc"] = linear_probe(train_x, train_y, test_x, test_y, seed=args.seed)
+        train_x = extract_features(model, train.images, precision, dataset)
+        test_x = extract_features(model, heldout.images, precision, dataset)
+        train_y, test_y = train.labels.to(device), heldout.labels.to(device)
+        results["linear_probe_acc"] = linear_probe(train_x, train_y, test_x, test_y, seed=seed)
         results["knn_acc"] = knn_accuracy(train_x, train_y, test_x, test_y)
-        results["chance_acc"] = 1.0 / len(train_labels.unique())
+        results["chance_acc"] = 1.0 / len(train.labels.unique())
     model.train()
     return results
 
 
-def run_eval(args):
+def run_eval(path: str, cli: Config, explicit) -> dict:
     """--eval CKPT: rebuild the checkpoint's model, evaluate it, write eval_<ckpt>.json beside it."""
-    path = find_checkpoint(args.eval)
-    ckpt = load_checkpoint(path)
-    eval_args = argparse.Namespace(**ckpt["args"])
-    eval_args.device, eval_args.compile = args.device, False
-    if "data_root" in args.explicit:
-        eval_args.data_root = args.data_root
-    device = torch.device(args.device)
-    model = build_model(eval_args, device)[0]
+    path = find_checkpoint(path)
+    ckpt, saved = load_checkpoint(path)
+    config, _ = resume_config(saved, cli, explicit)  # this device; e.g. another --data-root
+    device = torch.device(config.run.device)
+    model, precision = build_model(config, device, config.optim.batch_size)
     load_model_state(model, ckpt["model"], str(path))
-    train_images, train_labels, _ = load_images(eval_args, train=True)
-    eval_images, eval_labels, _ = load_images(eval_args, train=False)
-    results = evaluate(model, eval_args, train_images, train_labels, eval_images, eval_labels)
+    results = evaluate(model, precision, config, load_images(config, train=True), load_images(config, train=False))
     results["checkpoint"], results["step"] = str(path), ckpt["progress"]["step"]
     out = path.with_name(f"eval_{path.stem}.json")
     out.write_text(json.dumps(results, indent=2))
@@ -1421,46 +1563,30 @@ def run_eval(args):
     return results
 
 
-# ----------------------------------------------------------------------------- comparison
+# ============================================================================= comparison
 
-def run_compare(args):
-    """Train the same config, seed and data order per precision; write compare/ with a table,
-    loss curves and the reconstructions side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    precisions = [p for p in args.compare.split(",") if p]
-    root = make_run_dir(argparse.Namespace(**{**vars(args), "precision": "compare"}))
+def run_compare(variants: tuple) -> dict:
+    """Train each variant (the same config, seed and data order in another precision) in a
+    folder of one compare root; write compare/ with a table, loss curves and the grids."""
+    root = make_run_dir(variants[0], kind="compare")
     results = {}
-    for precision in precisions:
-        sub = copy.copy(args)
-        sub.precision, sub.compare, sub.overwrite = precision, None, False
-        sub.amp = {"bf16": True, "fp32": False}.get(precision, args.amp)
-        sub.out_dir, sub.run_name = str(root), precision
-        sub.fp4_stats = args.fp4_stats and precision == "nvfp4"
-        if precision != "nvfp4":
-            sub.no_rht = sub.no_stochastic_rounding = sub.no_2d_weights = False
-        print(f"\n===== {precision} =====")
-        run = Run(sub)
-        summary = run.train()
-        summary.update(evaluate(run.trainer.model, sub, run.train_images, run.train_labels,
-                                run.eval_images, run.eval_labels))
-        results[precision] = summary
-        del run
+    for config in variants:
+        name = config.precision.name
+        config = config.replace(out_dir=str(root), run_name=name, overwrite=False)
+        print(f"\n===== {name} =====")
+        loop = TrainingLoop(config)
+        summary = loop.train()
+        summary.update(evaluate(loop.train_step.model, loop.train_step.precision, config, loop.train_split,
+                                loop.heldout_split))
+        results[name] = summary
+        del loop
         torch._dynamo.reset()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     folder = root / "compare"
     folder.mkdir()
-    write_compare_table(results, folder / "table.md", args)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for precision, s in results.items():
-        if s["curve"]:
-            ax.plot(*zip(*s["curve"]), label=precision)
-    ax.set(xlabel="step", ylabel="train loss (masked MSE)", yscale="log", title="MAE pretraining loss by precision")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "loss_curves.png", dpi=120)
+    write_compare_table(results, folder / "table.md", variants[0])
+    plot_loss_curves(results, folder / "loss_curves.png")
     grids = [transforms.functional.to_tensor(Image.open(s["recon"]).convert("RGB")) for s in results.values()]
     save_image(torch.cat(grids, 1), folder / "recons.png")
     (folder / "results.json").write_text(json.dumps(
@@ -1470,9 +1596,9 @@ def run_compare(args):
     return results
 
 
-def write_compare_table(results, path, args):
-    ref = results.get("bf16") or next(iter(results.values()))
+def write_compare_table(results: dict, path: Path, config: Config):
     ref_name = "bf16" if "bf16" in results else next(iter(results))
+    ref = results[ref_name]
     cols = ["precision", "final loss", f"gap vs {ref_name}", "held-out loss", "PSNR masked (dB)",
             "probe acc", "kNN acc", "img/s", "peak mem (GiB)", "backend"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -1482,13 +1608,38 @@ def write_compare_table(results, path, args):
         lines.append("| " + " | ".join([precision, f"{s['final_loss']:.4f}", f"{gap:+.2f}%", fmt("heldout_loss", "{:.4f}"),
                                         fmt("psnr_masked", "{:.2f}"), fmt("linear_probe_acc", "{:.3f}"),
                                         fmt("knn_acc", "{:.3f}"), fmt("img_per_s", "{:.0f}"),
-                                        fmt("peak_mem_gib", "{:.2f}"), s["backend"].split(" (")[0]]) + " |")
-    lines.append(f"\n{args.dataset}, model {args.model}, {args.img_size}px/patch {args.patch_size}, "
-                 f"{args.epochs} epochs, batch {args.batch_size}, seed {args.seed}; loss = mean masked MSE of the last epoch.")
+                                        fmt("peak_mem_gib", "{:.2f}"), s["backend"]]) + " |")
+    d, m, o = config.data, config.model, config.optim
+    lines.append(f"\n{d.dataset}, model {m.preset}, {m.img_size}px/patch {m.patch_size}, {o.epochs} epochs, "
+                 f"batch {o.batch_size}, seed {config.run.seed}; loss = mean masked MSE of the last epoch.")
     path.write_text("\n".join(lines) + "\n")
 
 
-# ----------------------------------------------------------------------------- benchmark
+def plot_loss_curves(results: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for precision, s in results.items():
+        if s["curve"]:
+            ax.plot(*zip(*s["curve"]), label=precision)
+    ax.set(xlabel="step", ylabel="train loss (masked MSE)", yscale="log", title="MAE pretraining loss by precision")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ============================================================================= benchmark
+
+def flops_per_image(cfg: MAEConfig) -> float:
+    """Training FLOPs per image: 3 x forward (forward + backward), matmuls and attention only."""
+    p2c, te, td = cfg.patch_size ** 2 * 3, cfg.num_visible + 1, cfg.num_patches + 1
+    d, dd = cfg.embed_dim, cfg.decoder_embed_dim
+    enc = cfg.depth * (2 * te * (4 * d * d + 2 * d * int(d * cfg.mlp_ratio)) + 4 * te * te * d)
+    dec = cfg.decoder_depth * (2 * td * (4 * dd * dd + 2 * dd * int(dd * cfg.decoder_mlp_ratio)) + 4 * td * td * dd)
+    return 3 * (enc + dec + 2 * cfg.num_visible * p2c * d + 2 * te * d * dd + 2 * td * dd * p2c)
+
 
 def gpu_mark() -> torch.cuda.Event:
     """A timing event recorded now on the current stream."""
@@ -1511,101 +1662,121 @@ def measure_bf16_peak(device) -> float:
     return 10 * 2 * 8192 ** 3 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
-def run_benchmark(args, warmup_steps=20):
-    """--benchmark N: warm up (compile), time N steps; img/s, step ms, peak memory, data wait, MFU."""
-    device = torch.device(args.device)
-    if device.type != "cuda":
-        raise UsageError("--benchmark measures GPU time; run it on a CUDA device")
-    seed_everything(args.seed)
-    trainer = Trainer(args, device)
-    cfg = trainer.model.cfg
-    if args.benchmark_synthetic:
-        g = torch.Generator().manual_seed(args.seed)
-        batch = (torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device),
-                 torch.rand(args.batch_size, cfg.num_patches, generator=g).to(device))
-        batches = itertools.repeat(batch)
-    else:
-        images, _, dataset = load_images(args, train=True)
-        loader = TensorLoader(images, args) if args.loader == "tensor" else TorchvisionLoader(dataset, args)
-        batches = (b for epoch in range(10 ** 6) for b in loader.epoch(epoch))
-    for line in trainer.model_lines:
-        print(f"[precision] {line}")
-    t0 = time.perf_counter()
-    for step in range(warmup_steps):
-        trainer.step(*next(batches), args.lr, step)
-    torch.cuda.synchronize(device)
-    warmup_s = time.perf_counter() - t0
-    if args.compile:
-        stop_compile_workers()
-    torch.cuda.reset_peak_memory_stats(device)
-    data_source = "synthetic" if args.benchmark_synthetic else args.loader
-    if data_source == "torchvision":
+def benchmark_batches(config: Config, synthetic: bool):
+    """(endless batches, the loader or None): one fixed batch on the device, or the real loader."""
+    device, o, m = torch.device(config.run.device), config.optim, config.model
+    if synthetic:
+        g = torch.Generator().manual_seed(config.run.seed)
+        batch = (torch.randn(o.batch_size, 3, m.img_size, m.img_size, generator=g).to(device),
+                 torch.rand(o.batch_size, m.num_patches, generator=g).to(device))
+        return itertools.repeat(batch), None
+    loader = make_loader(config, load_images(config, train=True))
+    return (b for epoch in itertools.count() for b in loader.epoch(epoch)), loader
+
+
+def time_steps(train_step: TrainStep, batches, loader, steps: int, first: int, lr: float) -> dict:
+    """Run `steps` steps from step number `first`: wall and GPU ms, and the GPU time the data took
+    (tensor loader: from the end of a step to the batch's last kernel, host waits included;
+    torchvision: host waits on the workers, while the GPU runs dry)."""
+    tensor_loader = isinstance(loader, TensorLoader)
+    if loader is not None and not tensor_loader:
         loader.wait_s = 0.0
     data_spans = []  # (before, after) each batch's loader work, on the training stream
-    start = gpu_mark()
-    t0 = time.perf_counter()
-    for step in range(args.benchmark):
-        before = gpu_mark() if data_source == "tensor" else None
+    start, t0 = gpu_mark(), time.perf_counter()
+    for n in range(steps):
+        before = gpu_mark() if tensor_loader else None
         batch = next(batches)
-        if data_source == "tensor":
+        if tensor_loader:
             data_spans.append((before, gpu_mark()))
-        trainer.step(*batch, args.lr, warmup_steps + step)
+        train_step(*batch, lr, first + n)
     end = gpu_mark()
+    torch.cuda.synchronize(train_step.device)
+    data_ms = (sum(b.elapsed_time(a) for b, a in data_spans) if tensor_loader else
+               loader.wait_s * 1e3 if loader is not None else 0.0)
+    return {"wall_ms": (time.perf_counter() - t0) * 1e3, "gpu_ms": start.elapsed_time(end), "data_ms": data_ms}
+
+
+def run_benchmark(config: Config, steps: int, synthetic: bool, warmup_steps=20) -> dict:
+    """--benchmark N: warm up (compile), time N steps; img/s, step ms, peak memory, data wait, MFU."""
+    device, o, m = torch.device(config.run.device), config.optim, config.model
+    if device.type != "cuda":
+        raise UsageError("--benchmark measures GPU time; run it on a CUDA device")
+    seed_everything(config.run.seed)
+    train_step = TrainStep(config, device)
+    batches, loader = benchmark_batches(config, synthetic)
+    for line in train_step.precision.describe(train_step.model.gemms):
+        print(f"[precision] {line}")
+    t0 = time.perf_counter()
+    for n in range(warmup_steps):
+        train_step(*next(batches), o.peak_lr, n)
     torch.cuda.synchronize(device)
-    gpu_ms = start.elapsed_time(end)
-    wall_ms = (time.perf_counter() - t0) * 1e3
-    if data_source == "tensor":  # GPU time from the end of a step to the batch's last kernel (host waits included)
-        data_ms = sum(before.elapsed_time(after) for before, after in data_spans)
-    elif data_source == "torchvision":  # the host waits on the DataLoader workers while the GPU runs dry
-        data_ms = loader.wait_s * 1e3
-    else:
-        data_ms = 0.0
-    peak_tflops = measure_bf16_peak(device)
-    img_s = args.batch_size * args.benchmark / (wall_ms / 1e3)
-    flops = flops_per_image(cfg)
-    result = {"precision": args.precision, "backend": trainer.backend_name, "mode": "model only (synthetic batch)"
-              if args.benchmark_synthetic else f"end to end ({args.loader} loader)", "batch": args.batch_size,
-              "img_size": args.img_size, "patch_size": args.patch_size, "model": args.model, "compile": args.compile,
-              "img_per_s": img_s, "step_ms": wall_ms / args.benchmark, "gpu_step_ms": gpu_ms / args.benchmark,
-              "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
-              "data_wait_pct": 100 * data_ms / gpu_ms, "warmup_s": warmup_s, "gflop_per_img": flops / 1e9,
+    warmup_s = time.perf_counter() - t0
+    if config.run.compile:
+        stop_compile_workers()
+    torch.cuda.reset_peak_memory_stats(device)
+    t = time_steps(train_step, batches, loader, steps, warmup_steps, o.peak_lr)
+    peak_tflops, flops = measure_bf16_peak(device), flops_per_image(m)
+    img_s = o.batch_size * steps / (t["wall_ms"] / 1e3)
+    result = {"precision": config.precision.name, "backend": train_step.precision.backend_name,
+              "mode": "model only (synthetic batch)" if synthetic else f"end to end ({config.data.loader} loader)",
+              "batch": o.batch_size, "img_size": m.img_size, "patch_size": m.patch_size, "model": m.preset,
+              "compile": config.run.compile, "img_per_s": img_s, "step_ms": t["wall_ms"] / steps,
+              "gpu_step_ms": t["gpu_ms"] / steps, "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+              "data_wait_pct": 100 * t["data_ms"] / t["gpu_ms"], "warmup_s": warmup_s, "gflop_per_img": flops / 1e9,
               "bf16_peak_tflops": peak_tflops, "mfu_pct": 100 * flops * img_s / (peak_tflops * 1e12)}
     print(f"[benchmark] FLOPs/img = 3 x (enc: depth x (2 T_e (4 D^2 + 2 D H) + 4 T_e^2 D) + dec: same with "
           f"T_d, D_d, H_d + embed/pred matmuls), T_e = visible + 1, T_d = patches + 1 -> {flops / 1e9:.3f} GFLOP")
     for key, value in result.items():
         print(f"[benchmark] {key:18s} {value:.3f}" if isinstance(value, float) else f"[benchmark] {key:18s} {value}")
-    out = Path(args.out_dir)
+    out = Path(config.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "benchmarks.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     return result
 
 
-# ----------------------------------------------------------------------------- main
+# ============================================================================= main
+
+def init_distributed(mode: str) -> tuple:
+    """(rank, world) from torchrun's environment, the process group set up (gloo on CPU, nccl on
+    GPU). Only training runs distributed: the other modes refuse to run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and mode not in ("train", "resume"):
+        raise UsageError(f"--{mode} runs in one process; start it with python, not torchrun")
+    if world == 1:
+        return 0, 1
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (README: multi-GPU)
+    use_gpu = torch.cuda.is_available() and os.environ.get("ASMAE_FORCE_GLOO") != "1"
+    if use_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if use_gpu else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
 
 def main(argv=None):
     try:
-        args = resolve_args(argv)
-        if args.eval:
-            return run_eval(args)
-        if args.compile:
+        command, config = parse_config(argv)
+        rank, world = init_distributed(command.mode)
+        if command.mode == "eval":
+            return run_eval(command.eval, config, command.explicit)
+        if config.run.compile:
             start_compile_workers()
-        if args.benchmark:
-            return run_benchmark(args)
-        if args.compare:
-            return run_compare(args)
-        rank, world = init_distributed()
-        ckpt, changes = None, []
-        if args.resume:
-            path = find_checkpoint(args.resume)
-            ckpt = load_checkpoint(path)
-            args, changes = merge_resume_args(ckpt["args"], args)
-            args.resume_dir = str(path.parent)
-        return Run(args, rank, world, ckpt, changes).train()
+        if command.mode == "benchmark":
+            return run_benchmark(config, command.benchmark, command.benchmark_synthetic)
+        if command.mode == "compare":
+            return run_compare(command.variants)
+        run_dir, ckpt, changes = None, None, []
+        if command.mode == "resume":
+            path = find_checkpoint(command.resume)
+            ckpt, saved = load_checkpoint(path)
+            config, changes = resume_config(saved, config, command.explicit)
+            run_dir = path.parent
+        return TrainingLoop(config, rank, world, run_dir, ckpt, changes).train()
     except UsageError as error:
-        print(f"asmae_minimal.py: error: {error}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one line, not one per rank
+            print(f"asmae_minimal.py: error: {error}", file=sys.stderr)
         raise SystemExit(2)
-    except nvfp4.NonFiniteLossError as error:
+    except NonFiniteLossError as error:
         print(f"asmae_minimal.py: stopped: {error}", file=sys.stderr)
         raise SystemExit(3)
     except Interrupted as stopped:

@@ -12,7 +12,7 @@ bits, so they are exact in bfloat16 and their products are exact in fp32: a bf16
 GEMM with fp32 accumulation then computes what the FP4/FP8 tensor cores compute.
 """
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import torch
 
@@ -30,15 +30,22 @@ RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 
 @dataclass(frozen=True)
 class NVFP4Recipe:
-    """TE's `NVFP4BlockScaling` switches (same names, same defaults)."""
+    """TE's `NVFP4BlockScaling` switches that the emulation implements (TE's names and defaults)."""
+    name: ClassVar[str] = "nvfp4"
     disable_rht: bool = False
     disable_stochastic_rounding: bool = False
     disable_2d_quantization: bool = False
+
+    def describe(self) -> str:
+        return (f"NVFP4 recipe: RHT {'off' if self.disable_rht else 'on'} (wgrad operands), stochastic rounding "
+                f"{'off' if self.disable_stochastic_rounding else 'on'} (gradients), weights in "
+                f"{'1x16 blocks' if self.disable_2d_quantization else '16x16 tiles'}")
 
 
 @dataclass(frozen=True)
 class FP8Recipe:
     """TE's `Float8CurrentScaling` with Format.HYBRID: E4M3 forward, E5M2 gradients."""
+    name: ClassVar[str] = "fp8"
 
 
 # ---- E2M1 element rounding -------------------------------------------------------------

@@ -21,7 +21,7 @@ from torch import nn
 
 from .formats import (NVFP4_ALPHA_DENOM, FP8Recipe, NVFP4Recipe, NVFP4Tensor, quantize_fp8,
                       quantize_nvfp4, random_bits, random_hadamard_transform)
-from .guards import gemm_shape_error, rows_of
+from .shapes import gemm_shape_error, rows_of
 
 try:  # the fused GPU kernel; PyTorch's reference implementation runs everywhere else
     from . import kernels
@@ -156,9 +156,8 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     need_dx = torch.is_grad_enabled() and x.requires_grad
     need_dw = torch.is_grad_enabled() and weight.requires_grad
     training = need_dx or need_dw
-    precision = "fp8" if isinstance(recipe, FP8Recipe) else "nvfp4"
     # The token dim M only carries blocks in the wgrad GEMM: inference takes any M.
-    error = gemm_shape_error(precision, x2d.shape[0] if training else 0, *weight.shape[::-1])
+    error = gemm_shape_error(recipe, x2d.shape[0] if training else 0, *weight.shape[::-1])
     if error:
         raise ValueError(f"layer {name}: {error}")
     # The name is read only where it is used (errors, --fp4-stats): torch.compile guards on every

@@ -1,10 +1,8 @@
-"""Transformer Engine adapter: which backend runs, TE's modules, and TE's autocast.
+"""Transformer Engine adapter: whether TE runs a recipe here, and TE's modules, recipes and autocast.
 
 TE's NVFP4 GEMMs need compute capability >= 10.0 (Blackwell), its FP8 GEMMs >= 8.9 (Ada,
 Hopper). Everywhere else the emulation in `nvfp4.linear` runs the same recipe in PyTorch.
 """
-from contextlib import nullcontext
-
 import torch
 
 from .formats import FP8Recipe, NVFP4Recipe
@@ -28,7 +26,7 @@ def import_te():
         return None, f"Transformer Engine does not import ({type(error).__name__}: {error})"
 
 
-def _device_problem(precision: str, device: torch.device):
+def device_problem(precision: str, device: torch.device):
     """Why this device cannot run TE's `precision` GEMMs, or None."""
     if device.type != "cuda":
         return f"Transformer Engine needs a CUDA GPU; this run is on {device.type}"
@@ -38,25 +36,6 @@ def _device_problem(precision: str, device: torch.device):
         return (f"TE's {precision.upper()} GEMMs need compute capability >= {needed[0]}.{needed[1]}; "
                 f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
     return None
-
-
-def select_backend(requested: str, precision: str, device: torch.device, te_import=import_te):
-    """Return ('te' | 'torch', one startup line). Raises BackendError when --backend te
-    cannot run the recipe here."""
-    quantized = precision in NEEDED_CAPABILITY
-    if requested == "emulated" or (requested == "auto" and not quantized):
-        what = f"emulated {precision.upper()} in PyTorch" if quantized else f"PyTorch {precision}"
-        return "torch", f"backend: {what} (as asked)" if requested == "emulated" else f"backend: {what}"
-    te, import_problem = te_import()
-    problem = import_problem or _device_problem(precision, device)
-    if problem is None:
-        recipe = RECIPE_NAME.get(precision, "no quantization recipe")
-        return "te", f"backend: Transformer Engine {getattr(te, '__version__', '?')}, {recipe}"
-    if requested == "te":
-        hint = ("install it on a Blackwell GPU machine (README: Transformer Engine)" if import_problem
-                else "use --backend emulated (or auto) to run the same recipe in PyTorch")
-        raise BackendError(f"--backend te: {problem}; {hint}")
-    return "torch", f"backend: emulated {precision.upper()} in PyTorch ({problem})"
 
 
 def make_module(kind: str, in_features: int, out_features: int, eps: float):
@@ -87,9 +66,7 @@ def te_recipe(recipe):
     raise ValueError(f"no TE recipe for {recipe!r}")
 
 
-def autocast(backend: str, recipe):
-    """TE's autocast around the forward pass when TE runs a quantized recipe; else a no-op."""
-    if backend != "te" or recipe is None:
-        return nullcontext()
+def autocast(recipe):
+    """TE's autocast (TE 2.20: `te.autocast(enabled, recipe=...)`) around a forward pass in `recipe`."""
     te, _ = import_te()
     return te.autocast(enabled=True, recipe=te_recipe(recipe))

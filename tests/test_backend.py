@@ -1,15 +1,22 @@
-"""Backend selection (TE or emulation), its error messages, and checkpoint names across backends."""
+"""Backend selection (TE or emulation) by nvfp4.Precision, its error messages, and checkpoint
+names across backends."""
 import types
 
 import pytest
 import torch
 
-from nvfp4 import te_backend
+from nvfp4 import Precision, te_backend
 from nvfp4.linear import LayerNormLinear, LayerNormMLP, Linear
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 NO_TE = lambda: (None, "Transformer Engine does not import (ModuleNotFoundError: No module named 'transformer_engine')")
 FAKE_TE = lambda: (types.SimpleNamespace(__version__="2.20.2"), None)
+
+
+def select_backend(requested, precision, device, te_import):
+    """(backend, its log line) of the Precision that resolves on this device."""
+    resolved = Precision.resolve(precision, device, backend=requested, amp=False, te_import=te_import)
+    return resolved.backend, resolved.describe()[0]
 
 
 @pytest.fixture
@@ -23,12 +30,12 @@ def gpu(monkeypatch):
 
 @pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
 def test_auto_falls_back_to_emulation_and_says_why(precision, gpu):
-    backend, line = te_backend.select_backend("auto", precision, CPU, NO_TE)
+    backend, line = select_backend("auto", precision, CPU, NO_TE)
     assert backend == "torch" and f"emulated {precision.upper()}" in line and "does not import" in line
-    backend, line = te_backend.select_backend("auto", precision, CPU, FAKE_TE)
+    backend, line = select_backend("auto", precision, CPU, FAKE_TE)
     assert backend == "torch" and "needs a CUDA GPU" in line
     gpu(9, 0, "NVIDIA H100 80GB HBM3")
-    backend, line = te_backend.select_backend("auto", precision, CUDA, FAKE_TE)
+    backend, line = select_backend("auto", precision, CUDA, FAKE_TE)
     if precision == "nvfp4":
         assert backend == "torch" and "compute capability >= 10.0; NVIDIA H100 80GB HBM3 is 9.0" in line
     else:
@@ -37,28 +44,28 @@ def test_auto_falls_back_to_emulation_and_says_why(precision, gpu):
 
 def test_auto_picks_te_where_the_gpu_runs_the_recipe(gpu):
     gpu(10, 0)
-    assert te_backend.select_backend("auto", "nvfp4", CUDA, FAKE_TE)[0] == "te"
+    assert select_backend("auto", "nvfp4", CUDA, FAKE_TE)[0] == "te"
     gpu(8, 9)
-    assert te_backend.select_backend("auto", "fp8", CUDA, FAKE_TE)[0] == "te"
-    assert te_backend.select_backend("auto", "nvfp4", CUDA, FAKE_TE)[0] == "torch"
+    assert select_backend("auto", "fp8", CUDA, FAKE_TE)[0] == "te"
+    assert select_backend("auto", "nvfp4", CUDA, FAKE_TE)[0] == "torch"
     gpu(8, 0)
-    assert te_backend.select_backend("auto", "fp8", CUDA, FAKE_TE)[0] == "torch"
+    assert select_backend("auto", "fp8", CUDA, FAKE_TE)[0] == "torch"
 
 
 def test_high_precision_and_emulated_never_need_te():
     for precision in ("fp32", "bf16"):
-        assert te_backend.select_backend("auto", precision, CPU, NO_TE) == ("torch", f"backend: PyTorch {precision}")
-    assert te_backend.select_backend("emulated", "nvfp4", CPU, FAKE_TE)[0] == "torch"
+        assert select_backend("auto", precision, CPU, NO_TE) == ("torch", f"backend: PyTorch {precision}")
+    assert select_backend("emulated", "nvfp4", CPU, FAKE_TE)[0] == "torch"
 
 
 def test_backend_te_errors_name_what_is_missing(gpu):
     with pytest.raises(te_backend.BackendError, match="does not import.*install it on a Blackwell GPU machine"):
-        te_backend.select_backend("te", "nvfp4", CPU, NO_TE)
+        select_backend("te", "nvfp4", CPU, NO_TE)
     with pytest.raises(te_backend.BackendError, match="needs a CUDA GPU.*--backend emulated"):
-        te_backend.select_backend("te", "fp8", CPU, FAKE_TE)
+        select_backend("te", "fp8", CPU, FAKE_TE)
     gpu(9, 0)
     with pytest.raises(te_backend.BackendError, match=r"compute capability >= 10\.0.*is 9\.0"):
-        te_backend.select_backend("te", "nvfp4", CUDA, FAKE_TE)
+        select_backend("te", "nvfp4", CUDA, FAKE_TE)
 
 
 def test_parameter_names_match_transformer_engine():
@@ -73,8 +80,8 @@ def test_parameter_names_match_transformer_engine():
 
 def test_state_dict_with_te_extra_state_loads_into_the_pytorch_model():
     import asmae_minimal
-    args = asmae_minimal.resolve_args(["--device", "cpu", "--model", "tiny", "--dataset", "fake"])
-    model = asmae_minimal.build_model(args, CPU)[0]
+    _, config = asmae_minimal.parse_config(["--device", "cpu", "--model", "tiny", "--dataset", "fake"])
+    model = asmae_minimal.build_model(config, CPU, config.optim.batch_size)[0]
     state = dict(model.state_dict())
     state["blocks.0.mlp._extra_state"] = torch.empty(0)  # what a TE module adds
     asmae_minimal.load_model_state(model, state, "a TE checkpoint")
@@ -87,15 +94,15 @@ def test_te_model_trains_with_its_recipe():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (10, 0):
         pytest.skip("TE's NVFP4 recipe needs a GPU of compute capability >= 10.0")
     import asmae_minimal
-    args = asmae_minimal.resolve_args(["--model", "tiny", "--dataset", "fake", "--precision", "nvfp4",
-                                       "--backend", "te", "--batch-size", "32"])
-    model, backend, recipe, _ = asmae_minimal.build_model(args, torch.device(args.device))
-    assert backend == "te" and isinstance(model.blocks[0].mlp, te.LayerNormMLP)
+    _, config = asmae_minimal.parse_config(["--model", "tiny", "--dataset", "fake", "--precision", "nvfp4",
+                                            "--backend", "te", "--batch-size", "32"])
+    model, precision = asmae_minimal.build_model(config, torch.device(config.run.device), 32)
+    assert precision.backend == "te" and isinstance(model.blocks[0].mlp, te.LayerNormMLP)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     imgs, noise = torch.randn(32, 3, 32, 32, device="cuda"), torch.rand(32, 64, device="cuda")
     losses = []
     for _ in range(5):
-        with torch.autocast("cuda", torch.bfloat16), te_backend.autocast(backend, recipe):
+        with precision.autocast():  # bf16 autocast and TE's, with its NVFP4BlockScaling recipe
             loss = model(imgs, noise)[0]
         loss.backward()
         opt.step()

@@ -189,9 +189,9 @@ def test_regional_compile_shares_graphs_and_evaluation_stays_eager(monkeypatch):
     assert counters["stats"]["unique_graphs"] == 2 + 3  # encoder and decoder blocks, three glue pieces
     for a, b in zip(eager.parameters(), compiled.parameters()):
         assert torch.equal(a.grad, b.grad)
-    args = asmae_minimal.resolve_args(["--device", "cpu", "--dataset", "fake", "--img-size", "16", "--patch-size", "4"])
-    asmae_minimal.reconstruct(compiled, imgs[:3], noise[:3], args)
-    asmae_minimal.extract_features(compiled, torch.zeros(5, 3, 16, 16, dtype=torch.uint8), args)
+    precision = asmae_minimal.nvfp4.Precision.resolve("fp32", torch.device("cpu"), amp=False)
+    asmae_minimal.reconstruct(compiled, imgs[:3], noise[:3], precision, "fake")
+    asmae_minimal.extract_features(compiled, torch.zeros(5, 3, 16, 16, dtype=torch.uint8), precision, "fake")
     assert counters["stats"]["unique_graphs"] == 5
 
 
@@ -213,10 +213,10 @@ def test_one_epoch_on_cifar_fixture(tmp_path, cifar):
     with Image.open(png) as grid:  # 3 rows of 8 images, 2 px padding
         assert grid.size == (8 * 34 + 2, 3 * 34 + 2)
     ckpt = torch.load(summary["checkpoint"], weights_only=True)
-    assert ckpt["progress"]["epoch"] == 1 and ckpt["progress"]["step"] == 5 and ckpt["args"]["dataset"] == "cifar10"
+    assert ckpt["progress"]["epoch"] == 1 and ckpt["progress"]["step"] == 5 and ckpt["config"]["data"]["dataset"] == "cifar10"
     lines = metrics(run_dir, timing=True)
     assert [l["type"] for l in lines] == ["step", "step", "epoch"] and all("img_per_s" in l for l in lines)
-    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 1
+    assert json.loads((run_dir / "config.json").read_text())["optim"]["epochs"] == 1
 
 
 def test_cifar100_and_torchvision_loader(tmp_path, monkeypatch):
@@ -239,15 +239,15 @@ def test_per_sample_hue_matches_torchvision():
 
 
 def test_tensor_loader_is_per_sample_and_deterministic(tmp_path):
-    args = asmae_minimal.resolve_args(["--device", "cpu", "--dataset", "fake", "--batch-size", "8", "--randaugment"])
+    _, config = asmae_minimal.parse_config(["--device", "cpu", "--dataset", "fake", "--batch-size", "8", "--randaugment"])
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    loader = asmae_minimal.TensorLoader(images, args)
+    loader = asmae_minimal.TensorLoader(images, config)
     a = next(loader.epoch(3))
     b = next(loader.epoch(3))
     c = next(loader.epoch(4))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
     same = images[:1].expand(8, -1, -1, -1).contiguous()
-    loader = asmae_minimal.TensorLoader(same, args)
+    loader = asmae_minimal.TensorLoader(same, config)
     loader.images = same
     x, _ = loader._make(torch.zeros(8, dtype=torch.long), 0, 0)
     assert len({round(v, 4) for v in x.flatten(1).mean(1).tolist()}) == 8  # one image, 8 different views
@@ -319,3 +319,79 @@ def test_help_and_readme_document_every_flag(capsys):
         assert flag in help_text and f"`{flag}" in readme, flag
     for preset, dims in asmae_minimal.MODEL_PRESETS.items():
         assert f"{preset}: encoder {dims['embed_dim']}x{dims['depth']}" in help_text.replace("\n", " ").replace("  ", " ")
+
+
+# ---- the config: parsed and resolved once, frozen ------------------------------------------------
+
+def test_config_is_frozen_resolved_and_round_trips(tmp_path):
+    import dataclasses
+    command, config = asmae_minimal.parse_config(["--device", "cpu", "--model", "tiny", "--no-rht",
+                                                  "--precision", "nvfp4", "--keep-high-precision", "patch_embed"])
+    assert command.mode == "train" and {"preset", "disable_rht", "name", "device"} <= command.explicit
+    assert config.precision.name == "nvfp4" and config.precision.disable_rht and not config.precision.amp
+    assert config.precision.keep_high_precision == ("patch_embed",)
+    assert config.optim.batch_size == 32 and config.optim.lr is None and config.optim.peak_lr == 1.5e-4 * 32 / 256
+    assert config.model.embed_dim == asmae_minimal.MODEL_PRESETS["tiny"]["embed_dim"] and config.run.compile is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.optim.epochs = 3
+    saved = json.loads(json.dumps(dataclasses.asdict(config)))  # as config.json holds it
+    assert asmae_minimal.Config.from_dict(saved) == config
+    changed = config.replace(epochs=3, run_name="x")
+    assert (changed.optim.epochs, changed.run.run_name, config.optim.epochs) == (3, "x", 50)
+
+
+def test_compare_variants_resolve_their_own_amp_and_switches():
+    command, _ = asmae_minimal.parse_config(["--device", "cpu", "--compare", "fp32,bf16,nvfp4", "--no-amp",
+                                             "--no-rht", "--fp4-stats"])
+    fp32, bf16, fp4 = command.variants
+    assert command.mode == "compare" and [v.precision.name for v in command.variants] == ["fp32", "bf16", "nvfp4"]
+    assert (fp32.precision.amp, bf16.precision.amp, fp4.precision.amp) == (False, True, False)
+    assert fp4.precision.disable_rht and fp4.precision.fp4_stats
+    assert not (bf16.precision.disable_rht or bf16.precision.fp4_stats)
+
+
+def test_resume_config_applies_given_flags_and_refuses_conflicts():
+    _, saved = asmae_minimal.parse_config(["--device", "cpu", "--epochs", "2"])
+    command, cli = asmae_minimal.parse_config(["--device", "cpu", "--resume", "x", "--epochs", "4", "--blr", "3e-4"])
+    merged, changes = asmae_minimal.resume_config(saved, cli, command.explicit)
+    assert (merged.optim.epochs, merged.optim.blr, merged.optim.peak_lr) == (4, 3e-4, 3e-4 * 32 / 256)
+    assert changes == ["blr 0.00015 -> 0.0003", "epochs 2 -> 4"]
+    command, cli = asmae_minimal.parse_config(["--device", "cpu", "--resume", "x", "--precision", "nvfp4"])
+    with pytest.raises(asmae_minimal.UsageError, match="--precision nvfp4 conflicts with the checkpoint"):
+        asmae_minimal.resume_config(saved, cli, command.explicit)
+
+
+RUNS_IN_ONE_PROCESS = {"compare": ["--compare", "bf16"], "eval": ["--eval", "runs"], "benchmark": ["--benchmark", "5"]}
+
+
+@pytest.mark.parametrize("mode", RUNS_IN_ONE_PROCESS)
+def test_compare_eval_and_benchmark_refuse_torchrun(mode, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        asmae_minimal.main(["--device", "cpu", "--batch-size", "16", "--out-dir", str(tmp_path), *RUNS_IN_ONE_PROCESS[mode]])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.endswith(f"--{mode} runs in one process; start it with python, not torchrun")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_modes_do_not_combine(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        asmae_minimal.main(["--device", "cpu", "--eval", "runs", "--compare", "bf16"])
+    assert exit_info.value.code == 2 and "--eval and --compare do not go together" in capsys.readouterr().err
+
+
+def test_precision_object_describes_and_autocasts():
+    import nvfp4
+    p = nvfp4.Precision.resolve("nvfp4", torch.device("cpu"), amp=True, recipe=nvfp4.NVFP4Recipe(disable_rht=True),
+                                te_import=lambda: (None, "Transformer Engine is not installed"))
+    assert (p.backend, p.amp_dtype, p.recipe.disable_rht) == ("torch", torch.bfloat16, True)
+    lines = p.describe([("a", 16, 16, True), ("b", 16, 16, False)])
+    assert lines == ["backend: emulated NVFP4 in PyTorch (Transformer Engine is not installed)",
+                     "nvfp4: 1 of 2 GEMM layers quantized (a); high precision: b",
+                     "NVFP4 recipe: RHT off (wgrad operands), stochastic rounding on (gradients), weights in 16x16 tiles"]
+    for _ in range(2):  # a fresh context each time
+        with p.autocast():
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="cannot run precision fp8"):
+        nvfp4.Precision.resolve("fp8", torch.device("cpu"), recipe=nvfp4.NVFP4Recipe())

@@ -41,18 +41,19 @@ def test_psnr_against_float64_formula():
 
 
 def test_heldout_psnr_is_masked_pixel_mse(tmp_path):
-    args = asmae_minimal.resolve_args(["--device", "cpu", "--dataset", "fake", "--model", "tiny"])
+    _, config = asmae_minimal.parse_config(["--device", "cpu", "--dataset", "fake", "--model", "tiny"])
     torch.manual_seed(0)
-    model = asmae_minimal.build_model(args, torch.device("cpu"))[0].eval()
+    model, precision = asmae_minimal.build_model(config, torch.device("cpu"), config.optim.batch_size)
+    model.eval()
     images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
-    result = asmae_minimal.heldout_metrics(model, images, args, batch=8)
+    result = asmae_minimal.heldout_metrics(model, images, precision, "fake", config.run.seed, batch=8)
     # recompute in float64 from the same reconstructions
-    g = torch.Generator().manual_seed(asmae_minimal.seed_for(args.seed, 7))
+    g = torch.Generator().manual_seed(asmae_minimal.seed_for(config.run.seed, 7))
     sq, n = 0.0, 0.0
     for start in range(0, 20, 8):
-        imgs = asmae_minimal.plain_batches(images[start:start + 8], args, 8)
+        imgs = asmae_minimal.plain_images(images[start:start + 8], "fake", 32)
         noise = torch.rand(len(imgs), 64, generator=g)
-        _, originals, _, recon, mask = asmae_minimal.reconstruct(model, imgs, noise, args)
+        _, originals, _, recon, mask = asmae_minimal.reconstruct(model, imgs, noise, precision, "fake")
         pixel_mask = mask.double().repeat_interleave(16 * 3, 1).view(len(imgs), 8, 8, 4, 4, 3)
         pixel_mask = pixel_mask.permute(0, 5, 1, 3, 2, 4).reshape(len(imgs), 3, 32, 32)
         sq += ((recon.double() - originals.double()) ** 2 * pixel_mask).sum().item()

@@ -32,21 +32,21 @@ def test_whole_step_cuda_graph_trains_as_the_ungraphed_step():
     must read it, the guard's step and the inputs from the device, not bake them in)."""
     import torch
     torch._dynamo.reset()
-    args = asmae_minimal.resolve_args(["--dataset", "fake", "--model", "tiny", "--precision", "bf16",
-                                       "--batch-size", "32", "--compile", "--amp"])
+    _, config = asmae_minimal.parse_config(["--dataset", "fake", "--model", "tiny", "--precision", "bf16",
+                                            "--batch-size", "32", "--compile", "--amp"])
     trainers = []
     for graphed in (True, False):
         torch.manual_seed(0)
-        trainer = asmae_minimal.Trainer(args, torch.device("cuda"))
+        trainer = asmae_minimal.TrainStep(config, torch.device("cuda"))
         trainer.graphed = graphed
         trainers.append(trainer)
     g = torch.Generator().manual_seed(0)
     losses = {True: [], False: []}
     for step in range(1, 7):
-        imgs = torch.randn(32, 3, args.img_size, args.img_size, generator=g).cuda()
+        imgs = torch.randn(32, 3, config.model.img_size, config.model.img_size, generator=g).cuda()
         noise = torch.rand(32, trainers[0].model.cfg.num_patches, generator=g).cuda()
         for trainer in trainers:
-            loss, grad_norm, skipped, _ = trainer.step(imgs, noise, 1e-3 * step, step)
+            loss, grad_norm, skipped, _ = trainer(imgs, noise, 1e-3 * step, step)
             losses[trainer.graphed].append((loss.item(), grad_norm.item(), skipped.item()))
     assert trainers[0].graph is not None and trainers[1].graph is None
     assert len({l for l, _, _ in losses[True]}) == 6  # the weights moved every step
@@ -68,9 +68,9 @@ def test_gpu_tensor_loader_draws_the_cpu_loaders_batches(randaugment):
     images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     batches = {}
     for device, compile_flag in (("cpu", "--no-compile"), ("cuda", "--compile")):
-        args = asmae_minimal.resolve_args(["--device", device, "--dataset", "fake", "--batch-size", "32", compile_flag,
-                                           *randaugment])
-        loader = asmae_minimal.TensorLoader(images, args)
+        _, config = asmae_minimal.parse_config(["--device", device, "--dataset", "fake", "--batch-size", "32",
+                                                compile_flag, *randaugment])
+        loader = asmae_minimal.TensorLoader(images, config)
         assert loader.kernel == (device == "cuda")
         batches[device] = [tuple(t.cpu() for t in batch) for epoch in (0, 1) for batch in loader.epoch(epoch)]
     assert len(batches["cuda"]) == len(batches["cpu"]) == 6

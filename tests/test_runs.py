@@ -25,7 +25,7 @@ def run(tmp_path, images, *argv, run_name="run"):
 
 def stop_after(monkeypatch, steps, sig=signal.SIGTERM):
     """Deliver a real signal to this process after `steps` optimizer steps."""
-    real_step, count = asmae_minimal.Trainer.step, [0]
+    real_step, count = asmae_minimal.TrainStep.__call__, [0]
 
     def step(self, *args):
         out = real_step(self, *args)
@@ -33,7 +33,7 @@ def stop_after(monkeypatch, steps, sig=signal.SIGTERM):
         if count[0] == steps:
             os.kill(os.getpid(), sig)
         return out
-    monkeypatch.setattr(asmae_minimal.Trainer, "step", step)
+    monkeypatch.setattr(asmae_minimal.TrainStep, "__call__", step)
 
 
 def final_weights(run_dir: Path):
@@ -115,9 +115,9 @@ def test_sigterm_in_a_subprocess_checkpoints_and_exits(tmp_path, images):
     stdout, stderr = child.communicate(timeout=120)
     assert child.returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
-    ckpt = asmae_minimal.load_checkpoint(sorted((out / "long").glob("checkpoint_step*.pt"))[-1])
+    ckpt, _ = asmae_minimal.load_checkpoint(sorted((out / "long").glob("checkpoint_step*.pt"))[-1])
     assert ckpt["progress"]["step"] >= 1
-    assert list((out / "long" / "recons").glob("final_recon_ep*.png"))
+    assert list((out / "long" / "recons").glob("recon_step*.png"))  # an interrupt's grid, not a final one
 
 
 def test_corrupt_truncated_and_foreign_checkpoints_exit_2(tmp_path, images, capsys):
@@ -129,10 +129,13 @@ def test_corrupt_truncated_and_foreign_checkpoints_exit_2(tmp_path, images, caps
     ckpt["model"]["blocks.0.attn_proj.weight"] = torch.zeros(3, 3)
     torch.save(ckpt, tmp_path / "foreign.pt")
     torch.save({"not": "a checkpoint"}, tmp_path / "other.pt")
+    old = {k: v for k, v in ckpt.items() if k != "config"}
+    torch.save({**old, "args": {"dataset": "folder"}}, tmp_path / "old.pt")  # before the config dataclasses
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
     messages = {"garbage.pt": "corrupt, truncated", "truncated.pt": "corrupt, truncated",
-                "foreign.pt": "holds a different model", "other.pt": "not from asmae_minimal.py"}
+                "foreign.pt": "holds a different model", "other.pt": "not from asmae_minimal.py",
+                "old.pt": "written by an earlier asmae_minimal.py"}
     for name, message in messages.items():
         for flag in ("--resume", "--eval"):
             with pytest.raises(SystemExit) as exit_info:
@@ -167,14 +170,14 @@ def nan_at(monkeypatch, steps):
 
 def test_nan_loss_is_skipped_and_counted(tmp_path, images, monkeypatch):
     snapshots = []
-    real_step = asmae_minimal.Trainer.step
+    real_step = asmae_minimal.TrainStep.__call__
 
     def step(self, imgs, noise, lr, number):
         before = [p.detach().clone() for p in self.model.parameters()]
         out = real_step(self, imgs, noise, lr, number)
         snapshots.append((number, all(torch.equal(a, p) for a, p in zip(before, self.model.parameters()))))
         return out
-    monkeypatch.setattr(asmae_minimal.Trainer, "step", step)
+    monkeypatch.setattr(asmae_minimal.TrainStep, "__call__", step)
     nan_at(monkeypatch, {3, 5})
     _, run_dir = run(tmp_path, images, "--epochs", "2")
     # only the NaN steps left the weights as they were (step 1 too: the warmup starts at lr = 0)
@@ -191,7 +194,7 @@ def test_consecutive_nan_losses_stop_the_run(tmp_path, images, monkeypatch, caps
     assert exit_info.value.code == 3 and "not finite at step 6 and the 2 steps after it" in err
     checkpoints = sorted((tmp_path / "runs" / "run").glob("checkpoint_step*.pt"))
     assert [p.name for p in checkpoints] == ["checkpoint_step00000004.pt"]  # the last good one, intact
-    weights = asmae_minimal.load_checkpoint(checkpoints[0])["model"]
+    weights = asmae_minimal.load_checkpoint(checkpoints[0])[0]["model"]
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
