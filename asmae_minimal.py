@@ -21,17 +21,22 @@ The sections follow the data:
 """
 import argparse
 import dataclasses
+import errno
+import fnmatch
 import importlib.util
 import itertools
 import json
 import math
+import netrc
 import os
 import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import typing
+import urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -357,15 +362,62 @@ def validate(config: Config) -> Config:
         (not p.fp4_stats or p.name == "nvfp4", "--fp4-stats needs --precision nvfp4"),
         (not (p.disable_rht or p.disable_stochastic_rounding or p.disable_2d_quantization) or p.name == "nvfp4",
          "--no-rht, --no-stochastic-rounding and --no-2d-weights apply to --precision nvfp4"),
+        (0 <= r.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {r.seed}"),
         (not r.use_wandb or importlib.util.find_spec("wandb") is not None,
          "--use-wandb: wandb is not installed (pip install wandb), or drop --use-wandb"),
+        (not r.use_wandb or wandb_can_log(), "--use-wandb: not logged in to W&B (set WANDB_API_KEY or run "
+                                             "`wandb login`), or log offline with WANDB_MODE=offline"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
     if not 0 < m.num_visible < m.num_patches:
         raise UsageError(f"--mask-ratio {m.mask_ratio} leaves {m.num_visible} of {m.num_patches} patches visible")
+    batch_bytes = 4 * (o.batch_size // world) * (3 * m.img_size ** 2 + m.num_patches)  # a lower bound
+    on_gpu = r.device.startswith("cuda")
+    if batch_bytes > device_memory(r.device):
+        raise UsageError(f"--img-size {m.img_size} at --batch-size {o.batch_size}: one batch's images and masking "
+                         f"noise alone take {batch_bytes / 2 ** 30:,.1f} GiB in fp32, more than the "
+                         f"{device_memory(r.device) / 2 ** 30:,.1f} GiB of {'this GPU' if on_gpu else 'this machine'}")
+    if r.run_name is not None:
+        check_run_name(r.run_name, r.out_dir)
     return config
+
+
+def check_run_name(name: str, out_dir: str):
+    """A run folder lies strictly inside --out-dir: plain folder names (a, or a/b), each one the
+    filesystem takes."""
+    parts = name.split("/")
+    if name.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\0" in name:
+        raise UsageError(f"--run-name {name!r} must be plain folder names (a or a/b) inside --out-dir, "
+                         f"without '/' at the start, '.' or '..'")
+    longest = max(parts, key=lambda part: len(os.fsencode(part)))
+    if len(os.fsencode(longest)) > 255:
+        raise UsageError(f"--run-name: a folder name takes at most 255 bytes, {longest[:20]}... has "
+                         f"{len(os.fsencode(longest))}")
+    length = len(os.fsencode(os.path.abspath(os.path.join(out_dir, name))))
+    if length > 4096 - 64:  # PATH_MAX, less room for the run's own file names
+        raise UsageError(f"--out-dir and --run-name make a path of {length} bytes; with the run's file names "
+                         f"it must stay under 4,096")
+
+
+def wandb_can_log() -> bool:
+    """W&B logs offline (WANDB_MODE), or has an API key: in the environment or from `wandb login`
+    (its entry in ~/.netrc)."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def device_memory(device: str) -> int:
+    """Bytes of memory of the GPU, or of the host."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -392,7 +444,7 @@ def resolve_device(name: str) -> torch.device:
 def resume_config(saved: Config, cli: Config, explicit) -> tuple:
     """A checkpoint's Config with the flags given on this command line applied (the device
     always: a run may move), and the list of changes. Changes to the model, the data or the
-    precision are refused."""
+    precision are refused, and so are other run folders: the checkpoint's is the run's."""
     flags = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
     changes, updates = [], {"device": cli.run.device}
     for key in sorted(explicit - {f.name for f in fields(Command)}):
@@ -402,6 +454,9 @@ def resume_config(saved: Config, cli: Config, explicit) -> tuple:
         if key in RESUME_CONFLICTS:
             raise UsageError(f"{flags[key]} {new} conflicts with the checkpoint ({flags[key][2:].replace('-', '_')}="
                              f"{old}); a resumed run keeps its model, data and precision")
+        if key in ("out_dir", "run_name", "overwrite"):
+            raise UsageError(f"{flags[key]}: --resume and --eval stay in the checkpoint's own folder; drop "
+                             f"{flags[key]}")
         changes.append(f"{flags[key][2:].replace('-', '_')} {old} -> {new}")
         updates[key] = new
     return validate(saved.replace(**updates)), changes
@@ -460,7 +515,7 @@ def folder_images(root: str, train: bool, size: int):
             with Image.open(f) as img:
                 images.append(torch.from_numpy(np.array(resize(img.convert("RGB")))).permute(2, 0, 1))
             labels.append(classes.index(f.relative_to(root_path).parts[0]) if len(classes) >= 2 else 0)
-        except (OSError, UnidentifiedImageError, ValueError):
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):  # too many pixels
             skipped += 1
     if not images:
         raise UsageError(f"--data-root {root}: none of the {len(files)} image files could be read")
@@ -813,9 +868,14 @@ def resolve_precision(config: Config, device: torch.device) -> nvfp4.Precision:
 def build_model(config: Config, device: torch.device, batch_per_rank: int) -> tuple:
     """(the MAE with its linear layers in the run's precision, that nvfp4.Precision)."""
     precision = resolve_precision(config, device)
+    layers = precision.layers()
     with torch.device(device):
-        model = MAE(config.model, precision.layers())
+        model = MAE(config.model, layers)
     if precision.recipe is not None:
+        unmatched = [p for p in precision.keep_high_precision if p not in layers.matched]
+        if unmatched:
+            raise UsageError(f"--keep-high-precision {unmatched[0]!r} matches no layer; the layers are "
+                             f"{nvfp4.precision.compact_names(layers.names)}")
         check_gemm_shapes(model, precision.recipe, batch_per_rank)
     return model, precision
 
@@ -1084,7 +1144,10 @@ class TrainingLoop:
     run_dir and ckpt: the folder and checkpoint of a resumed run."""
 
     def __init__(self, config: Config, rank=0, world=1, run_dir=None, ckpt=None, resume_changes=()):
-        self.config, self.rank, self.world = config, rank, world
+        if rank == 0 and ckpt is None:  # checked before the data loads, made once the run can start
+            run_dir = plan_run_dir(config)
+            config = config.replace(run_name=str(run_dir.relative_to(config.run.out_dir)))  # the name used
+        self.config, self.rank, self.world, self.run_dir = config, rank, world, run_dir
         self.device = torch.device(config.run.device)
         seed = config.run.seed
         seed_everything(seed_for(seed, rank))
@@ -1099,11 +1162,15 @@ class TrainingLoop:
         self.progress = Progress(self.device, ckpt["progress"] if ckpt else None)
         if ckpt is not None:
             self._restore(ckpt)
-        self.run_dir = run_dir if ckpt is not None else (make_run_dir(config) if rank == 0 else None)
-        self.log = RunLog(self.run_dir, config, rank == 0)
+        self.complete = self.progress.epoch >= config.optim.epochs  # a finished run, resumed
         if rank == 0 and ckpt is None:
-            (self.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-        self.summary = {"curve": [], "run_dir": str(self.run_dir), "backend": self.train_step.precision.backend_name}
+            make_run_dir(run_dir, config.run.overwrite)
+            (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        elif rank == 0 and not self.complete:
+            truncate_metrics(run_dir / "metrics.jsonl", self.progress.step)
+        self.log = RunLog(run_dir, config, rank == 0)
+        self.summary = {"curve": [], "epoch_curve": [], "run_dir": str(self.run_dir),
+                        "backend": self.train_step.precision.backend_name}
         self.fp4_rows = {}
         self._announce(resume_changes, ckpt is not None)
 
@@ -1134,14 +1201,23 @@ class TrainingLoop:
                   f"lr {o.peak_lr:.3g}, warmup {o.warmup_epochs:g} of {o.epochs} epochs, AMP "
                   f"{'on' if c.precision.amp else 'off'}, compile {'on' if c.run.compile else 'off'}"
                   f"{' (whole step in one CUDA graph)' if self.train_step.graphed else ''}, seed {c.run.seed}")
+        if o.warmup_epochs >= o.epochs:
+            log.print(f"[optim] warning: --warmup-epochs {o.warmup_epochs:g} >= --epochs {o.epochs}: the lr rises "
+                      f"for the whole run and never reaches its peak {o.peak_lr:.3g}")
         for change in resume_changes:
             log.print(f"[resume] {change}")
-        if resumed:
-            p = self.progress
+        p = self.progress
+        if self.complete:
+            log.print(f"[resume] {self.run_dir} is complete ({p.epoch} of {o.epochs} epochs); pass --epochs N to "
+                      f"train it on")
+        elif resumed:
             log.print(f"[resume] from step {p.step} (epoch {p.epoch + 1}, batch {p.batch})")
 
     def train(self) -> dict:
         """All epochs; a checkpoint every --save-every epochs and at the end; reconstructions."""
+        if self.complete:
+            self.log.close()
+            return self.summary
         stop = StopRequest()
         stop.install()
         self.start_time = time.perf_counter()
@@ -1176,6 +1252,8 @@ class TrainingLoop:
             bar.update(1)
             if p.step == 3 and "warmup_s" not in self.summary:
                 self._report_warmup()
+            if b == first:  # the bar shows loss and lr from its first step on (one sync an epoch)
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(p.step - 1, steps, o):.2e}")
             if p.step % self.config.run.log_every == 0:
                 m = self.config.model
                 check_mask(mask, len(imgs), m.num_patches, m.num_patches - m.num_visible)
@@ -1222,6 +1300,7 @@ class TrainingLoop:
         self.log.print(f"epoch {epoch + 1}/{self.config.optim.epochs}  loss {record['loss']:.4f}  "
                        f"{record['img_per_s']:.0f} img/s  {seconds:.1f} s{skipped}")
         self.summary.update(final_loss=record["loss"], img_per_s=record["img_per_s"])
+        self.summary["epoch_curve"].append((record["step"], record["loss"]))
 
     def _checkpoint(self, epoch, batch) -> Path:
         return save_checkpoint(self.train_step, self.config, self.run_dir, self.progress.state_dict(epoch, batch))
@@ -1274,14 +1353,41 @@ def summarize_fp4(rows_by_key, log):
 
 # ============================================================================= outputs
 
+class RecordingWriter:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports one as
+    RuntimeError('unexpected pos'), which does not say why (e.g. a full disk)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
 def atomic_save(obj, path: Path):
-    """torch.save to a temp file, fsync, rename: a crash never leaves a truncated file."""
+    """torch.save to a temp file, fsync, rename: a crash never leaves a truncated file. A failed
+    write removes the temp file and raises the write's OSError."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    writer = None
+    try:
+        with open(tmp, "wb") as f:
+            writer = RecordingWriter(f)
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, RuntimeError) and writer is not None and writer.error is not None:
+            raise writer.error from None
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -1317,21 +1423,45 @@ def save_checkpoint(train_step: TrainStep, config: Config, run_dir: Path, progre
              "scaler": t.scaler.state_dict() if t.scaler else None, "guard": t.guard.state_dict(),
              "progress": progress, "config": asdict(config), "rng": rng_state(t.device)}
     path = run_dir / f"checkpoint_step{progress['step']:08d}.pt"
-    atomic_save(state, path)
+    try:
+        atomic_save(state, path)
+    except OSError as error:
+        found = [c for c in checkpoints(run_dir) if c != path]
+        why = "no space left on device" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror
+        raise UsageError(f"{why} writing {path}; the last good checkpoint is {found[-1] if found else 'none'}"
+                         f"{f' (--resume {run_dir})' if found else ''}") from None
     for old in checkpoints(run_dir)[:-config.run.keep_last]:
         old.unlink()
     return path
 
 
-def find_checkpoint(path: str) -> Path:
+def truncate_metrics(path: Path, step: int):
+    """Drop metrics.jsonl's records after `step`, where a resumed run starts: a run killed after
+    its last checkpoint had logged them, and the resumed run logs them again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", math.inf) <= step:  # fp4_summary (the run's end) has no step
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def find_checkpoint(path: str, flag: str) -> Path:
+    """The checkpoint file, or a run folder's newest; flag (--resume, --eval) names the error."""
     p = Path(path)
     if p.is_dir():
         found = checkpoints(p)
         if not found:
-            raise UsageError(f"--resume {path}: no checkpoint_step*.pt in this folder")
+            raise UsageError(f"{flag} {path}: no checkpoint_step*.pt in this folder")
         return found[-1]
     if not p.is_file():
-        raise UsageError(f"--resume/--eval {path}: no such checkpoint file or run folder")
+        raise UsageError(f"{flag} {path}: no such checkpoint file or run folder")
     return p
 
 
@@ -1396,17 +1526,28 @@ class RunLog:
             self.wandb.finish()
 
 
-def make_run_dir(config: Config, kind: Optional[str] = None) -> Path:
-    """OUT_DIR/RUN_NAME (--overwrite replaces it), or a new OUT_DIR/dataset-model-KIND-timestamp
-    (KIND: the precision, or e.g. 'compare')."""
+# What this program writes in a run folder; a compare folder also holds run folders.
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint_step*.pt", "checkpoint_step*.pt.tmp", "eval_*.json",
+             "recons", "compare", "wandb")
+
+
+def plan_run_dir(config: Config, kind: Optional[str] = None) -> Path:
+    """The run folder to make, checked before any data loads: OUT_DIR/RUN_NAME, which must be
+    empty or, with --overwrite, a run folder of this program's; or a new OUT_DIR/dataset-model-
+    KIND-timestamp (KIND: the precision, or 'compare'). Its parent must take new folders."""
     r, out = config.run, Path(config.run.out_dir)
     if r.run_name:
         run_dir = out / r.run_name
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.resolve() == out.resolve() or not run_dir.resolve().is_relative_to(out.resolve()):
+            raise UsageError(f"--run-name {r.run_name} leads out of --out-dir {out} (through a link)")
+        if run_dir.is_dir() and any(run_dir.iterdir()):
             if not r.overwrite:
                 raise UsageError(f"{run_dir} exists; pass --overwrite to replace it, another --run-name, "
                                  f"or --resume {run_dir} to continue it")
-            shutil.rmtree(run_dir)
+            foreign = foreign_entry(run_dir)
+            if foreign:
+                raise UsageError(f"--overwrite deletes only run folders of asmae_minimal.py, and {run_dir} holds "
+                                 f"{foreign}; move it, or choose another --run-name")
     else:
         kind = kind or config.precision.name
         base = out / f"{config.data.dataset}-{config.model.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -1414,8 +1555,38 @@ def make_run_dir(config: Config, kind: Optional[str] = None) -> Path:
         while run_dir.exists():
             n += 1
             run_dir = base.with_name(f"{base.name}-{n}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)
     return run_dir
+
+
+def foreign_entry(folder: Path) -> Optional[str]:
+    """What in `folder` this program did not write ('no config.json' if it is no run folder), or None."""
+    if not (folder / "config.json").is_file():
+        return "no config.json"
+    for entry in sorted(folder.iterdir()):
+        ours = any(fnmatch.fnmatch(entry.name, pattern) for pattern in RUN_FILES)
+        if not ours and not (entry.is_dir() and not entry.is_symlink() and foreign_entry(entry) is None):
+            return entry.name
+    return None
+
+
+def check_writable(path: Path):
+    """path (a file or folder to make) can be made: its nearest existing ancestor is a folder
+    this process may write in."""
+    ancestor = next(a for a in (path, *path.absolute().parents) if a.exists())
+    if not ancestor.is_dir():
+        raise UsageError(f"{ancestor} is a file, not a folder; choose another --out-dir or --run-name")
+    try:
+        tempfile.TemporaryFile(dir=ancestor).close()
+    except OSError as error:
+        raise UsageError(f"cannot write in {ancestor} ({error.strerror}); choose another --out-dir") from None
+
+
+def make_run_dir(run_dir: Path, overwrite: bool):
+    """Make the folder plan_run_dir chose (after the data loaded: a failed start leaves none)."""
+    if overwrite and run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 @torch.no_grad()
@@ -1437,7 +1608,7 @@ def reconstruct(model: MAE, imgs, noise, precision: nvfp4.Precision, dataset: st
 
 def save_reconstructions(train_step: TrainStep, config: Config, heldout_images, run_dir: Path, name: str) -> Path:
     """run_dir/recons/NAME.{png,pt} for 8 held-out images: rows original | visible-only |
-    reconstruction; the same files are copied to <out-dir>/recons/ as the latest run's view."""
+    reconstruction; copied to <out-dir>/recons/<run folder>_NAME.* as the latest view."""
     model, device = train_step.model, train_step.device
     imgs = plain_images(heldout_images[:8], config.data.dataset, config.model.img_size).to(device)
     noise = torch.rand(len(imgs), config.model.num_patches,
@@ -1455,7 +1626,7 @@ def save_reconstructions(train_step: TrainStep, config: Config, heldout_images, 
     latest = Path(config.run.out_dir) / "recons"
     latest.mkdir(parents=True, exist_ok=True)
     for f in (png, png.with_suffix(".pt")):
-        shutil.copyfile(f, latest / f.name)
+        shutil.copyfile(f, latest / f"{run_dir.name}_{f.name}")
     return png
 
 
@@ -1548,7 +1719,7 @@ def evaluate(model: MAE, precision: nvfp4.Precision, config: Config, train: Spli
 
 def run_eval(path: str, cli: Config, explicit) -> dict:
     """--eval CKPT: rebuild the checkpoint's model, evaluate it, write eval_<ckpt>.json beside it."""
-    path = find_checkpoint(path)
+    path = find_checkpoint(path, "--eval")
     ckpt, saved = load_checkpoint(path)
     config, _ = resume_config(saved, cli, explicit)  # this device; e.g. another --data-root
     device = torch.device(config.run.device)
@@ -1557,7 +1728,10 @@ def run_eval(path: str, cli: Config, explicit) -> dict:
     results = evaluate(model, precision, config, load_images(config, train=True), load_images(config, train=False))
     results["checkpoint"], results["step"] = str(path), ckpt["progress"]["step"]
     out = path.with_name(f"eval_{path.stem}.json")
-    out.write_text(json.dumps(results, indent=2))
+    try:
+        out.write_text(json.dumps(results, indent=2))
+    except OSError as error:
+        raise UsageError(f"cannot write {out} ({error.strerror})") from None
     print(json.dumps(results, indent=2))
     print(f"[eval] written to {out}")
     return results
@@ -1568,7 +1742,9 @@ def run_eval(path: str, cli: Config, explicit) -> dict:
 def run_compare(variants: tuple) -> dict:
     """Train each variant (the same config, seed and data order in another precision) in a
     folder of one compare root; write compare/ with a table, loss curves and the grids."""
-    root = make_run_dir(variants[0], kind="compare")
+    root = plan_run_dir(variants[0], kind="compare")
+    make_run_dir(root, variants[0].run.overwrite)
+    (root / "config.json").write_text(json.dumps({"compare": [asdict(v) for v in variants]}, indent=2))
     results = {}
     for config in variants:
         name = config.precision.name
@@ -1590,7 +1766,8 @@ def run_compare(variants: tuple) -> dict:
     grids = [transforms.functional.to_tensor(Image.open(s["recon"]).convert("RGB")) for s in results.values()]
     save_image(torch.cat(grids, 1), folder / "recons.png")
     (folder / "results.json").write_text(json.dumps(
-        {p: {k: v for k, v in s.items() if k != "curve"} for p, s in results.items()}, indent=2, default=str))
+        {p: {k: v for k, v in s.items() if not k.endswith("curve")} for p, s in results.items()}, indent=2,
+        default=str))
     print(f"\n{(folder / 'table.md').read_text()}\n[compare] {folder}: table.md, loss_curves.png, recons.png "
           f"(top to bottom: {', '.join(results)})")
     return results
@@ -1620,10 +1797,11 @@ def plot_loss_curves(results: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
+    per_epoch = any(len(s["curve"]) < 2 for s in results.values())  # runs shorter than 2 x --log-every
     for precision, s in results.items():
-        if s["curve"]:
-            ax.plot(*zip(*s["curve"]), label=precision)
-    ax.set(xlabel="step", ylabel="train loss (masked MSE)", yscale="log", title="MAE pretraining loss by precision")
+        ax.plot(*zip(*s["epoch_curve" if per_epoch else "curve"]), label=precision, marker="o" if per_epoch else None)
+    ylabel = f"train loss (masked MSE{', epoch mean' if per_epoch else ''})"
+    ax.set(xlabel="step", ylabel=ylabel, yscale="log", title="MAE pretraining loss by precision")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -1701,6 +1879,7 @@ def run_benchmark(config: Config, steps: int, synthetic: bool, warmup_steps=20) 
     device, o, m = torch.device(config.run.device), config.optim, config.model
     if device.type != "cuda":
         raise UsageError("--benchmark measures GPU time; run it on a CUDA device")
+    check_writable(Path(config.run.out_dir))
     seed_everything(config.run.seed)
     train_step = TrainStep(config, device)
     batches, loader = benchmark_batches(config, synthetic)
@@ -1729,7 +1908,7 @@ def run_benchmark(config: Config, steps: int, synthetic: bool, warmup_steps=20) 
     for key, value in result.items():
         print(f"[benchmark] {key:18s} {value:.3f}" if isinstance(value, float) else f"[benchmark] {key:18s} {value}")
     out = Path(config.run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # check_writable ran before the warm-up
     with open(out / "benchmarks.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     return result
@@ -1767,7 +1946,7 @@ def main(argv=None):
             return run_compare(command.variants)
         run_dir, ckpt, changes = None, None, []
         if command.mode == "resume":
-            path = find_checkpoint(command.resume)
+            path = find_checkpoint(command.resume, "--resume")
             ckpt, saved = load_checkpoint(path)
             config, changes = resume_config(saved, config, command.explicit)
             run_dir = path.parent
@@ -1775,6 +1954,11 @@ def main(argv=None):
     except UsageError as error:
         if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one line, not one per rank
             print(f"asmae_minimal.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    except OSError as error:  # the machine refused a write (disk full, read-only): one line too
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        print(f"asmae_minimal.py: error: {error.strerror}: {error.filename}", file=sys.stderr)
         raise SystemExit(2)
     except NonFiniteLossError as error:
         print(f"asmae_minimal.py: stopped: {error}", file=sys.stderr)

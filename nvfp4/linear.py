@@ -235,18 +235,20 @@ class LayerFactory:
     A layer runs in `recipe`'s format unless its name matches one of `keep_high_precision`
     (fnmatch patterns). backend="te" builds Transformer Engine modules for the quantized
     layers (all layers when recipe is None); kept layers stay PyTorch modules, which TE's
-    autocast does not touch. `gemms` records (name, in, out, quantized) of every GEMM built.
+    autocast does not touch. `gemms` records (name, in, out, quantized) of every GEMM built,
+    `names` the layers' names, `matched` the patterns that matched one.
     """
 
     def __init__(self, recipe: Optional[Recipe] = None, keep_high_precision=(),
                  backend: str = "torch", eps: float = 1e-6):
         self.recipe, self.keep, self.backend, self.eps = recipe, tuple(keep_high_precision), backend, eps
-        self.gemms = []
+        self.gemms, self.names, self.matched = [], [], set()
 
     def _recipe_for(self, name: str) -> Optional[Recipe]:
-        if self.recipe is None or any(fnmatch(name, pattern) for pattern in self.keep):
-            return None
-        return self.recipe
+        self.names.append(name)
+        kept = {pattern for pattern in self.keep if fnmatch(name, pattern)}
+        self.matched |= kept
+        return None if self.recipe is None or kept else self.recipe
 
     def _use_te(self, recipe) -> bool:
         return self.backend == "te" and (recipe is not None or self.recipe is None)

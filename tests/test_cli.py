@@ -200,7 +200,7 @@ def test_regional_compile_shares_graphs_and_evaluation_stays_eager(monkeypatch):
 def test_one_epoch_on_cifar_fixture(tmp_path, cifar):
     summary, run_dir = cli(tmp_path, "--dataset", "cifar10", "--data-root", str(cifar), "--epochs", "1")
     png = run_dir / "recons" / "final_recon_ep0001.png"
-    assert png.exists() and (tmp_path / "runs" / "recons" / png.name).exists()
+    assert png.exists() and (tmp_path / "runs" / "recons" / f"run_{png.name}").exists()  # the run's name on the copy
     bundle = torch.load(png.with_suffix(".pt"), weights_only=True)
     assert set(bundle) == {"imgs", "visible", "recon", "mask", "loss"}
     assert bundle["imgs"].shape == bundle["visible"].shape == bundle["recon"].shape == (8, 3, 32, 32)
