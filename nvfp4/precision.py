@@ -2,15 +2,14 @@
 it (Transformer Engine or the emulation) and why, and the autocast dtype of its activations."""
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from . import te_backend
 from .formats import FP8Recipe, NVFP4Recipe
-from .linear import LayerFactory
+from .linear import LayerFactory, Recipe
 
-Recipe = Union[NVFP4Recipe, FP8Recipe]
 PRECISIONS = ("fp32", "bf16", "fp8", "nvfp4")
 DEFAULT_RECIPES = {"nvfp4": NVFP4Recipe(), "fp8": FP8Recipe()}
 
