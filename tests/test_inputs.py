@@ -2,13 +2,11 @@
 is one line and exit 2 before the data loads, and runs keep their books straight (disk full,
 kills, resumes)."""
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import asmae_minimal
