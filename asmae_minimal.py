@@ -1228,8 +1228,7 @@ class TrainingLoop:
                 if self.rank == 0 and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs):
                     self.summary["checkpoint"] = str(self._checkpoint(epoch + 1, 0))
         except NonFiniteLossError as error:
-            found = checkpoints(self.run_dir) if self.run_dir else []
-            self.log.print(f"[stop] {error}. Last good checkpoint: {found[-1] if found else 'none yet'}")
+            self.log.print(f"[stop] {error}. Last good checkpoint: {latest_checkpoint(self.run_dir) or 'none yet'}")
             self.log.close()
             raise
         finally:
@@ -1416,6 +1415,12 @@ def checkpoints(run_dir: Path) -> list:
     return sorted(Path(run_dir).glob("checkpoint_step*.pt"))
 
 
+def latest_checkpoint(run_dir) -> Optional[Path]:
+    """A run folder's newest checkpoint, or None (also without a folder: DDP ranks > 0)."""
+    found = checkpoints(run_dir) if run_dir else []
+    return found[-1] if found else None
+
+
 def save_checkpoint(train_step: TrainStep, config: Config, run_dir: Path, progress: dict) -> Path:
     """model, optimizer, scaler, loss guard, progress (epoch, batch, step, running sums), config, RNG."""
     t = train_step
@@ -1426,10 +1431,10 @@ def save_checkpoint(train_step: TrainStep, config: Config, run_dir: Path, progre
     try:
         atomic_save(state, path)
     except OSError as error:
-        found = [c for c in checkpoints(run_dir) if c != path]
+        last = latest_checkpoint(run_dir)  # path itself was not written
         why = "no space left on device" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror
-        raise UsageError(f"{why} writing {path}; the last good checkpoint is {found[-1] if found else 'none'}"
-                         f"{f' (--resume {run_dir})' if found else ''}") from None
+        raise UsageError(f"{why} writing {path}; the last good checkpoint is {last or 'none'}"
+                         f"{f' (--resume {run_dir})' if last else ''}") from None
     for old in checkpoints(run_dir)[:-config.run.keep_last]:
         old.unlink()
     return path
@@ -1456,10 +1461,10 @@ def find_checkpoint(path: str, flag: str) -> Path:
     """The checkpoint file, or a run folder's newest; flag (--resume, --eval) names the error."""
     p = Path(path)
     if p.is_dir():
-        found = checkpoints(p)
-        if not found:
+        found = latest_checkpoint(p)
+        if found is None:
             raise UsageError(f"{flag} {path}: no checkpoint_step*.pt in this folder")
-        return found[-1]
+        return found
     if not p.is_file():
         raise UsageError(f"{flag} {path}: no such checkpoint file or run folder")
     return p
