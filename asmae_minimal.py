@@ -224,7 +224,11 @@ class Command:
 
     @property
     def mode(self) -> str:
-        return next((m for m in ("eval", "benchmark", "compare", "resume") if getattr(self, m) is not None), "train")
+        return next(iter(self.modes()), "train")
+
+    def modes(self) -> list:
+        """The modes given (they exclude each other), in the order `mode` takes them."""
+        return [m for m in ("eval", "benchmark", "compare", "resume") if getattr(self, m) is not None]
 
 
 # A resumed run must rebuild the same model on the same data.
@@ -289,7 +293,7 @@ def parse_config(argv=None) -> tuple:
     ns = vars(build_parser().parse_args(argv))
     explicit = frozenset(vars(build_parser(with_defaults=False).parse_args(argv)))
     command = Command(**{f.name: ns[f.name] for f in fields(Command) if f.name in ns}, explicit=explicit)
-    modes = [m for m in ("eval", "benchmark", "compare", "resume") if ns[m] is not None]
+    modes = command.modes()
     if len(modes) > 1:
         raise UsageError(f"--{modes[0]} and --{modes[1]} do not go together")
     if command.benchmark is not None and command.benchmark <= 0:
@@ -451,13 +455,14 @@ def resume_config(saved: Config, cli: Config, explicit) -> tuple:
         old, new = saved.get(key), cli.get(key)
         if old == new:
             continue
+        name = flags[key][2:].replace("-", "_")  # as the flag reads: precision, not the field's name
         if key in RESUME_CONFLICTS:
-            raise UsageError(f"{flags[key]} {new} conflicts with the checkpoint ({flags[key][2:].replace('-', '_')}="
-                             f"{old}); a resumed run keeps its model, data and precision")
+            raise UsageError(f"{flags[key]} {new} conflicts with the checkpoint ({name}={old}); a resumed run "
+                             f"keeps its model, data and precision")
         if key in ("out_dir", "run_name", "overwrite"):
             raise UsageError(f"{flags[key]}: --resume and --eval stay in the checkpoint's own folder; drop "
                              f"{flags[key]}")
-        changes.append(f"{flags[key][2:].replace('-', '_')} {old} -> {new}")
+        changes.append(f"{name} {old} -> {new}")
         updates[key] = new
     return validate(saved.replace(**updates)), changes
 
