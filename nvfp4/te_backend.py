@@ -3,6 +3,8 @@
 TE's NVFP4 GEMMs need compute capability >= 10.0 (Blackwell), its FP8 GEMMs >= 8.9 (Ada,
 Hopper). Everywhere else the emulation in `nvfp4.linear` runs the same recipe in PyTorch.
 """
+from functools import lru_cache
+
 import torch
 
 from .formats import FP8Recipe, NVFP4Recipe
@@ -54,8 +56,10 @@ def make_module(kind: str, in_features: int, out_features: int, eps: float):
     raise ValueError(f"unknown TE module kind {kind!r}")
 
 
+@lru_cache(maxsize=None)
 def te_recipe(recipe):
-    """TE's recipe object for our NVFP4Recipe / FP8Recipe."""
+    """TE's recipe object for our NVFP4Recipe / FP8Recipe (frozen, so hashable), built once: the
+    train step enters TE's autocast every step."""
     from transformer_engine.common.recipe import Float8CurrentScaling, Format, NVFP4BlockScaling
     if isinstance(recipe, NVFP4Recipe):
         return NVFP4BlockScaling(disable_rht=recipe.disable_rht,
