@@ -20,32 +20,115 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 FP32_MAX = torch.finfo(torch.float32).max
 BLOCK = 16
-# TE's GEMM folds both operands' global scales into alpha = amax_a * amax_b / (6*6*448*448).
-NVFP4_ALPHA_DENOM = E2M1_MAX * E2M1_MAX * E4M3_MAX * E4M3_MAX
-# TE's dequantize kernel: scale * amax * (1 / (6 * 448)), the constant rounded to fp32.
-NVFP4_DEQUANT_FACTOR = torch.tensor(1.0 / (E2M1_MAX * E4M3_MAX), dtype=torch.float32).item()
+
+
+def alpha_denom(e4m3_max_a: int = 448, e4m3_max_b: int = 448) -> float:
+    """TE's GEMM folds both operands' global scales into alpha = amax_a * amax_b / this
+    (6 * 6 * 448 * 448; a 4over6 operand with the 256 bound puts 256 in its place)."""
+    return E2M1_MAX * E2M1_MAX * e4m3_max_a * e4m3_max_b
+
+
+NVFP4_ALPHA_DENOM = alpha_denom()
 # TE's fixed sign vector for the 16-point Random Hadamard Transform of wgrad operands.
 RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 
 
+SCOPES = ("none", "weights", "activations", "all")  # TE's _NVFP4_4OVER6_SCOPES
+FOUR_OVER_SIX_ERR_MODES = ("MAE", "MSE")
+BACKWARD_OVERRIDES = (None, "high_precision", "dequantized")
+E4M3_MAXES = (448, 256)  # the global scale's E4M3 bound: 448, or 256 for 4over6 tensors
+
+
+def _check_choice(field: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{field} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class NVFP4Quantizer:
+    """How one GEMM operand is quantized (TE's NVFP4Quantizer arguments): tile_rows 1 (1x16
+    blocks) or 16 (16x16 tiles); rht on the columnwise copy; stochastic rounding; row_scaled
+    (one fp32 amax per row of each copy); four_over_six None or its error mode ("MAE", "MSE");
+    e4m3_max of the global scale (256 only with four_over_six)."""
+    tile_rows: int = 1
+    rht: bool = False
+    stochastic: bool = False
+    row_scaled: bool = False
+    four_over_six: Optional[str] = None
+    e4m3_max: int = 448
+
+
 @dataclass(frozen=True)
 class NVFP4Recipe:
-    """TE's `NVFP4BlockScaling` switches that the emulation implements (TE's names and defaults)."""
+    """TE 2.20's `NVFP4BlockScaling`: every field, TE's names, values and defaults.
+
+    disable_rht / disable_stochastic_rounding / disable_2d_quantization switch off RHT (of the
+    wgrad operands), stochastic rounding (of gradients) and 16x16 weight tiles.
+    row_scaled_activation: the forward input's copies carry one amax per row.
+    nvfp4_4over6 (none / weights / activations / all): which forward operands choose, per block,
+    the better of map-to-6 and map-to-4 (Four Over Six, arXiv:2512.02010) by
+    nvfp4_4over6_err_mode (MAE / MSE); gradients never do. nvfp4_4over6_e4m3_use_256: which of
+    those use 256 instead of 448 as the global scale's E4M3 bound. backward_override: None,
+    "high_precision" (dgrad and wgrad from the unquantized operands) or "dequantized" (from the
+    forward's dequantized rowwise copies); gradients are then not quantized.
+    TE refuses 4over6 with RHT on the same quantizer (`NVFP4BlockScalingRecipeState`), so does this.
+    """
     name: ClassVar[str] = "nvfp4"
     disable_rht: bool = False
     disable_stochastic_rounding: bool = False
     disable_2d_quantization: bool = False
+    row_scaled_activation: bool = False
+    nvfp4_4over6: str = "none"
+    nvfp4_4over6_e4m3_use_256: str = "all"
+    nvfp4_4over6_err_mode: str = "MAE"
+    backward_override: Optional[str] = None
+
+    def __post_init__(self):
+        _check_choice("nvfp4_4over6", self.nvfp4_4over6, SCOPES)
+        _check_choice("nvfp4_4over6_e4m3_use_256", self.nvfp4_4over6_e4m3_use_256, SCOPES)
+        _check_choice("nvfp4_4over6_err_mode", self.nvfp4_4over6_err_mode, FOUR_OVER_SIX_ERR_MODES)
+        _check_choice("backward_override", self.backward_override, BACKWARD_OVERRIDES)
+        if self.nvfp4_4over6 in ("activations", "all") and not self.disable_rht:
+            raise ValueError(f"nvfp4_4over6={self.nvfp4_4over6!r} needs disable_rht: the input's quantizer "
+                             "applies RHT, and TE 2.20 has no RHT + 4over6 quantization")
+
+    def quantizer(self, kind: str) -> NVFP4Quantizer:
+        """The quantizer of operand `kind` (x: the input, w: the weight, dy: the output gradient),
+        as TE's `NVFP4BlockScalingRecipeState.make_quantizers` builds it."""
+        scope = "weights" if kind == "w" else "activations"
+        four_over_six = kind != "dy" and self.nvfp4_4over6 in (scope, "all")
+        use_256 = four_over_six and self.nvfp4_4over6_e4m3_use_256 in (scope, "all")
+        return NVFP4Quantizer(
+            tile_rows=16 if kind == "w" and not self.disable_2d_quantization else 1,
+            rht=kind != "w" and not self.disable_rht,
+            stochastic=kind == "dy" and not self.disable_stochastic_rounding,
+            row_scaled=kind == "x" and self.row_scaled_activation,
+            four_over_six=self.nvfp4_4over6_err_mode if four_over_six else None,
+            e4m3_max=256 if use_256 else 448)
 
     def describe(self) -> str:
-        return (f"NVFP4 recipe: RHT {'off' if self.disable_rht else 'on'} (wgrad operands), stochastic rounding "
+        line = (f"NVFP4 recipe: RHT {'off' if self.disable_rht else 'on'} (wgrad operands), stochastic rounding "
                 f"{'off' if self.disable_stochastic_rounding else 'on'} (gradients), weights in "
                 f"{'1x16 blocks' if self.disable_2d_quantization else '16x16 tiles'}")
+        if self.row_scaled_activation:
+            line += ", row-scaled inputs"
+        if self.nvfp4_4over6 != "none":
+            line += (f", 4over6 on {self.nvfp4_4over6} ({self.nvfp4_4over6_err_mode}, E4M3 bound 256 on "
+                     f"{self.nvfp4_4over6_e4m3_use_256})")
+        if self.backward_override:
+            line += f", backward {self.backward_override}"
+        return line
 
 
 @dataclass(frozen=True)
 class FP8Recipe:
-    """TE's `Float8CurrentScaling` with Format.HYBRID: E4M3 forward, E5M2 gradients."""
+    """TE's `Float8CurrentScaling` with Format.HYBRID: E4M3 forward, E5M2 gradients;
+    backward_override as in NVFP4Recipe."""
     name: ClassVar[str] = "fp8"
+    backward_override: Optional[str] = None
+
+    def __post_init__(self):
+        _check_choice("backward_override", self.backward_override, BACKWARD_OVERRIDES)
 
 
 # ---- E2M1 element rounding -------------------------------------------------------------
@@ -95,12 +178,26 @@ def stochastic_round_e2m1(v: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 # ---- Scales --------------------------------------------------------------------------------
 
-def global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
-    """Per-tensor fp32 scale 448 * 6 / amax (TE). amax = 0 gives FP32_MAX (every block then
-    has scale 0 and quantizes to 0); amax = inf gives 0, which TE replaces by 1."""
+def global_encode_scale(amax: torch.Tensor, e4m3_max: int = 448) -> torch.Tensor:
+    """Per-tensor (or per-row) fp32 scale e4m3_max * 6 / amax (TE). amax = 0 gives FP32_MAX
+    (every block then has scale 0 and quantizes to 0); amax = inf gives 0, which TE replaces by 1."""
     # torch.div, not `number / tensor`: the latter is reciprocal-then-multiply (one more rounding)
-    scale = torch.minimum(torch.div(E4M3_MAX * E2M1_MAX, amax), torch.tensor(FP32_MAX, device=amax.device))
+    scale = torch.minimum(torch.div(float(e4m3_max) * E2M1_MAX, amax), torch.tensor(FP32_MAX, device=amax.device))
     return torch.where(scale == 0.0, torch.ones_like(scale), scale)
+
+
+def dequant_factor(e4m3_max: int = 448) -> float:
+    """TE's dequantize constant 1 / (6 * e4m3_max), rounded to fp32."""
+    return torch.tensor(1.0 / (E2M1_MAX * e4m3_max), dtype=torch.float32).item()
+
+
+def dequant_scale(scales: torch.Tensor, amax: torch.Tensor, e4m3_max: int = 448) -> torch.Tensor:
+    """The per-block factor of TE's dequantize kernel, (scale * amax) * (1 / (6 * e4m3_max)), in
+    fp32. Where scale * amax overflows (amax near FLT_MAX: TE's kernel then writes inf, and NaN
+    for zero codes) it is scale * (amax * (1 / (6 * e4m3_max))) instead, which is finite."""
+    factor = dequant_factor(e4m3_max)
+    product = scales * amax
+    return torch.where(torch.isinf(product) & torch.isfinite(amax), scales * (amax * factor), product * factor)
 
 
 def round_e4m3_scale(decode_scale: torch.Tensor) -> torch.Tensor:
@@ -139,15 +236,21 @@ class NVFP4Tensor(NamedTuple):
     """A 2D NVFP4 tensor in emulation: E2M1 codes, E4M3 block scales (both as fp32) and amax."""
     codes: torch.Tensor   # [rows, cols] E2M1 values (signed), padding removed
     scales: torch.Tensor  # [rows, cols_padded // 16] E4M3 decode scales
-    amax: torch.Tensor    # fp32 scalar: the per-tensor amax TE's GEMM alpha uses
+    amax: torch.Tensor    # fp32: the amax TE's GEMM alpha uses, a scalar or (row-scaled) one per row
+    e4m3_max: int = 448   # the global scale's E4M3 bound (256: 4over6 tensors that use it)
 
     def values(self) -> torch.Tensor:
         """code * block scale: exact in fp32 and in bf16 (the GEMM operand)."""
         return (self._blocked(self.codes) * self.scales[..., None]).flatten(1)[:, :self.codes.shape[1]]
 
+    def row_amax(self) -> torch.Tensor:
+        """amax shaped to broadcast over rows: a scalar, or [rows, 1] when row-scaled."""
+        return self.amax[:, None] if self.amax.dim() else self.amax
+
     def dequantize(self) -> torch.Tensor:
-        """TE's dequantize kernel: code * (scale * amax * (1 / 2688)), in fp32."""
-        factor = self.scales * self.amax * NVFP4_DEQUANT_FACTOR
+        """TE's dequantize kernel: code * (scale * amax * (1 / (6 * e4m3_max))), in fp32
+        (finite where TE's overflows, see dequant_scale)."""
+        factor = dequant_scale(self.scales, self.row_amax(), self.e4m3_max)
         return (self._blocked(self.codes) * factor[..., None]).flatten(1)[:, :self.codes.shape[1]]
 
     def _blocked(self, t: torch.Tensor) -> torch.Tensor:
@@ -165,26 +268,56 @@ def _block_amax(x: torch.Tensor, tile_rows: int) -> torch.Tensor:
     return a.repeat_interleave(tile_rows, dim=0)
 
 
-def quantize_nvfp4(x: torch.Tensor, tile_rows: int = 1, stochastic: bool = False,
-                   generator: Optional[torch.Generator] = None, bits: Optional[torch.Tensor] = None) -> NVFP4Tensor:
-    """Quantize a 2D tensor to NVFP4 along its last dim, step for step as TE's reference:
-    1x16 blocks (tile_rows=1) or 16x16 tiles (tile_rows=16), zero padding to the tile.
-    stochastic: round with `bits` (uint8, x's shape), drawn from `generator` when not given."""
-    if x.dim() != 2:
-        raise ValueError(f"quantize_nvfp4 expects a 2D tensor, got shape {tuple(x.shape)}")
+def _tensor_amax(x: torch.Tensor, row_scaled: bool) -> torch.Tensor:
+    """max |x| in fp32: of the tensor, or of each row (row-scaled)."""
+    if row_scaled:
+        return x.abs().amax(1).to(torch.float32) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
+    return x.abs().amax().to(torch.float32) if x.numel() else torch.zeros((), device=x.device)
+
+
+def _check_quantizer(tile_rows, stochastic, four_over_six, e4m3_max, row_scaled) -> Optional[str]:
     if tile_rows not in (1, BLOCK):
         raise ValueError(f"tile_rows must be 1 or {BLOCK}, got {tile_rows}")
+    if four_over_six is not None:
+        _check_choice("four_over_six", four_over_six.upper(), (None,) + FOUR_OVER_SIX_ERR_MODES)
+        if stochastic:
+            raise ValueError("four_over_six rounds to nearest: TE has no 4over6 with stochastic rounding")
+    _check_choice("e4m3_max", e4m3_max, E4M3_MAXES)
+    if e4m3_max != 448 and four_over_six is None:
+        raise ValueError("e4m3_max=256 applies to 4over6 tensors only (TE uses 448 otherwise)")
+    if row_scaled and tile_rows != 1:
+        raise ValueError("row_scaled needs 1x16 blocks (TE: row-scaled NVFP4 has no 16x16 tiles)")
+    return four_over_six.upper() if four_over_six else None
+
+
+def quantize_nvfp4(x: torch.Tensor, tile_rows: int = 1, stochastic: bool = False,
+                   generator: Optional[torch.Generator] = None, bits: Optional[torch.Tensor] = None,
+                   four_over_six: Optional[str] = None, e4m3_max: int = 448,
+                   row_scaled: bool = False) -> NVFP4Tensor:
+    """Quantize a 2D tensor to NVFP4 along its last dim, step for step as TE's reference:
+    1x16 blocks (tile_rows=1) or 16x16 tiles (tile_rows=16), zero padding to the tile.
+    stochastic: round with `bits` (uint8, x's shape), drawn from `generator` when not given.
+    four_over_six: None, or "MAE" / "MSE": per block (16x16 tile), keep whichever of map-to-6
+    and map-to-4 has the smaller error (ties: map-to-6). e4m3_max: 448, or 256 (4over6 only).
+    row_scaled: amax is a vector, one fp32 value per row."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_nvfp4 expects a 2D tensor, got shape {tuple(x.shape)}")
+    four_over_six = _check_quantizer(tile_rows, stochastic, four_over_six, e4m3_max, row_scaled)
     rows, cols = x.shape
-    amax = x.abs().amax().to(torch.float32) if x.numel() else torch.zeros((), device=x.device)
+    amax = _tensor_amax(x, row_scaled)
     padded = torch.nn.functional.pad(x, (0, -cols % BLOCK, 0, -rows % tile_rows))
-    g_enc = global_encode_scale(amax)
+    g_enc = global_encode_scale(amax, e4m3_max)
+    g_enc = g_enc[:, None] if row_scaled else g_enc
     g_dec = torch.div(1.0, g_enc)
-    multiplier = g_enc * torch.reciprocal(torch.tensor(E2M1_MAX, device=x.device))
     block_amax = _block_amax(padded, tile_rows).to(torch.float32)
+    blocks = padded.to(torch.float32).view(padded.shape[0], -1, BLOCK)
+    if four_over_six:
+        codes, scales = _four_over_six(blocks, block_amax, amax[:, None] if row_scaled else amax,
+                                       g_enc, g_dec, four_over_six, e4m3_max, tile_rows)
+        return NVFP4Tensor(codes.flatten(1)[:rows, :cols], scales[:rows], amax, e4m3_max)
+    multiplier = g_enc * torch.reciprocal(torch.tensor(E2M1_MAX, device=x.device))
     scales = round_e4m3_scale(block_amax * multiplier)
-    encode = torch.minimum(torch.div(1.0, scales * g_dec), torch.tensor(FP32_MAX, device=x.device))
-    blocks = padded.to(torch.float32).view(padded.shape[0], -1, BLOCK) * encode[..., None]
-    blocks = torch.clamp(blocks, -E2M1_MAX, E2M1_MAX)
+    blocks = _scale_to_e2m1(blocks, scales, g_dec)
     if stochastic:
         bits = random_bits(x.shape, x.device, generator) if bits is None else bits
         bits = torch.nn.functional.pad(bits, (0, -cols % BLOCK, 0, -rows % tile_rows))
@@ -195,13 +328,55 @@ def quantize_nvfp4(x: torch.Tensor, tile_rows: int = 1, stochastic: bool = False
     return NVFP4Tensor(codes, scales[:rows], amax)
 
 
+def _scale_to_e2m1(blocks: torch.Tensor, scales: torch.Tensor, g_dec: torch.Tensor) -> torch.Tensor:
+    """blocks * encode, clamped to [-6, 6], where encode = min(1 / (scale * g_dec), FLT_MAX) (TE)."""
+    encode = torch.minimum(torch.div(1.0, scales * g_dec), torch.tensor(FP32_MAX, device=blocks.device))
+    return torch.clamp(blocks * encode[..., None], -E2M1_MAX, E2M1_MAX)
+
+
+def _four_over_six(blocks, block_amax, amax, g_enc, g_dec, err_mode: str, e4m3_max: int, tile_rows: int):
+    """(codes, scales) of 4over6 (TE's `_quantize_blockwise_4over6_reference`): map-to-6 takes
+    the block scale (block_amax / 6) * g_enc, map-to-4 1.5 times it (its block max lands on 4);
+    each candidate's error sums, element by element in order, |v - x| (MAE) or (v - x)^2 (MSE)
+    of its dequantized values v = (code * scale * amax) / (6 * e4m3_max); 16x16 tiles add their
+    16 rows' errors in TE's tree order; map-to-4 wins only where its error is smaller."""
+    base = torch.div(block_amax, E2M1_MAX) * g_enc
+    candidates = []
+    for scale in (round_e4m3_scale(base * 1.5), round_e4m3_scale(base)):
+        codes = round_e2m1(_scale_to_e2m1(blocks, scale, g_dec))
+        values = codes * scale[..., None]
+        error = torch.zeros_like(block_amax)
+        denom = torch.tensor(E2M1_MAX * e4m3_max, device=blocks.device)
+        for i in range(BLOCK):
+            diff = (values[..., i] * amax) / denom - blocks[..., i]
+            error = error + (diff * diff if err_mode == "MSE" else diff.abs())
+        candidates.append((codes, scale, error))
+    (codes4, scale4, error4), (codes6, scale6, error6) = candidates
+    if tile_rows != 1:
+        error4, error6 = _tile_error(error4), _tile_error(error6)
+    pick4 = error4 < error6
+    return torch.where(pick4[..., None], codes4, codes6), torch.where(pick4, scale4, scale6)
+
+
+def _tile_error(error: torch.Tensor) -> torch.Tensor:
+    """Sum the errors of each 16x16 tile's 16 rows in TE's warp-reduction order (8, 4, 2, 1
+    apart), repeated over the tile's rows."""
+    rows = error.view(-1, BLOCK, error.shape[1])
+    while rows.shape[1] > 1:
+        half = rows.shape[1] // 2
+        rows = rows[:, :half] + rows[:, half:]
+    return rows.repeat_interleave(BLOCK, dim=1).view_as(error)
+
+
 def fake_quantize(x: torch.Tensor, tile=(1, 16), rht: bool = False, stochastic: bool = False,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  generator: Optional[torch.Generator] = None, four_over_six: Optional[str] = None,
+                  e4m3_max: int = 448, row_scaled: bool = False) -> torch.Tensor:
     """Quantize to NVFP4 and dequantize (TE's dequantize), along the last dim.
 
     tile: (1, 16) blocks or (16, 16) tiles over the flattened leading dims. rht=True first
     applies TE's 16-point Random Hadamard Transform along the last dim and returns values in
-    the transformed space, as TE quantizes the wgrad operands. Same shape and dtype as x.
+    the transformed space, as TE quantizes the wgrad operands. four_over_six, e4m3_max and
+    row_scaled as in quantize_nvfp4. Same shape and dtype as x.
     """
     tile = tuple(tile)
     if tile not in ((1, BLOCK), (BLOCK, BLOCK)):
@@ -211,7 +386,8 @@ def fake_quantize(x: torch.Tensor, tile=(1, 16), rht: bool = False, stochastic: 
     flat = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     if rht:
         flat = random_hadamard_transform(flat)
-    q = quantize_nvfp4(flat, tile_rows=tile[0], stochastic=stochastic, generator=generator)
+    q = quantize_nvfp4(flat, tile_rows=tile[0], stochastic=stochastic, generator=generator,
+                       four_over_six=four_over_six, e4m3_max=e4m3_max, row_scaled=row_scaled)
     return q.dequantize().to(x.dtype).reshape(x.shape)
 
 

@@ -36,12 +36,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .formats import NVFP4_ALPHA_DENOM, RHT_SIGNS
+from .formats import RHT_SIGNS, alpha_denom, dequant_factor
 
 INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)  # as triton.jit reads it (TRITON_INTERPRET=1)
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 RECIP_6 = tl.constexpr(0.1666666716337204)  # torch.reciprocal(6.0) in fp32, as TE's reference multiplies by it
+DEQUANT_FACTOR_448 = tl.constexpr(dequant_factor(448))  # 1 / (6 * 448) in fp32 (TE's dequantize)
+DEQUANT_FACTOR_256 = tl.constexpr(dequant_factor(256))
 RNE_MAGIC = tl.constexpr(8388608.0)  # 2^23
 HALF_RNE_MAGIC = tl.constexpr(4194304.0)  # 2^22
 EXPONENT_BITS = tl.constexpr(-8388608)  # 0xFF800000: sign and exponent of an fp32
@@ -50,6 +52,9 @@ SIGN_BIT = tl.constexpr(-2147483648)  # 0x80000000
 RHT_NEGATIVE_ROWS = tl.constexpr(sum(1 << i for i, s in enumerate(RHT_SIGNS) if s < 0))
 # where stochastic rounding takes its bits from: none (round to nearest), a bits tensor, a seed
 NO_RANDOM, RANDOM_BITS, RANDOM_SEED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# 4over6 candidate selection: off, or by which error (formats.FOUR_OVER_SIX_ERR_MODES)
+NO_FOUR_OVER_SIX, FOUR_OVER_SIX_MAE, FOUR_OVER_SIX_MSE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+FOUR_OVER_SIX_MODES = {None: 0, "MAE": 1, "MSE": 2}
 
 
 @triton.jit
@@ -151,24 +156,127 @@ def _random_uniform(seed, first_counter, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _block_scales(block_amax, amax):
-    """E4M3 decode scale and fp32 encode scale of blocks with `block_amax` in a tensor of
-    global `amax` (TE: global encode 2688 / amax, at most FLT_MAX, 0 (amax = inf) -> 1)."""
-    g_enc = tl.minimum(tl.math.div_rn(tl.full([], 2688.0, tl.float32), amax), FLT_MAX,
+def _global_scales(amax, E4M3_MAX: tl.constexpr):
+    """TE's global encode scale 6 * E4M3_MAX / amax (at most FLT_MAX; 0, i.e. amax = inf, -> 1)
+    and its decode scale 1 / encode."""
+    g_enc = tl.minimum(tl.math.div_rn(tl.full(amax.shape, 6.0 * E4M3_MAX, tl.float32), amax), FLT_MAX,
                        propagate_nan=tl.PropagateNan.ALL)
     g_enc = tl.where(g_enc == 0.0, 1.0, g_enc)
-    g_dec = tl.math.div_rn(tl.full([], 1.0, tl.float32), g_enc)
-    decode = tl.minimum(block_amax * (g_enc * RECIP_6), FLT_MAX, propagate_nan=tl.PropagateNan.ALL)
-    decode = tl.clamp(decode, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-    scale = _round_e4m3(decode)
-    encode = tl.minimum(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale * g_dec), FLT_MAX,
-                        propagate_nan=tl.PropagateNan.ALL)
-    return scale, encode
+    return g_enc, tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), g_enc)
 
 
 @triton.jit
-def _round_blocks(blocks, scale, encode, u, RANDOM: tl.constexpr):
-    """code * scale of fp32 `blocks` (scale, encode broadcast to blocks' shape); u: uniform
+def _encode(scale, g_dec):
+    """fp32 encode scale of a block with E4M3 decode scale `scale`: min(1 / (scale * g_dec), FLT_MAX)."""
+    return tl.minimum(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale * g_dec), FLT_MAX,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _to_e4m3(decode):
+    """A block decode scale clamped to +-448 and rounded to E4M3."""
+    return _round_e4m3(tl.clamp(decode, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL))
+
+
+@triton.jit
+def _block_scales(block_amax, amax):
+    """E4M3 decode scale and fp32 encode scale of blocks with `block_amax` in a tensor of
+    global `amax` (the standard path: decode = block_amax * (g_enc * fp32(1/6)), at most FLT_MAX)."""
+    g_enc, g_dec = _global_scales(amax, 448)
+    decode = tl.minimum(block_amax * (g_enc * RECIP_6), FLT_MAX, propagate_nan=tl.PropagateNan.ALL)
+    scale = _to_e4m3(decode)
+    return scale, _encode(scale, g_dec)
+
+
+@triton.jit
+def _sum16_in_order(e):
+    """e[:, 0] + e[:, 1] + ... + e[:, 15] from left to right, as TE's reference loop adds a
+    block's errors (a tree would round differently): the columns taken apart with splits."""
+    N: tl.constexpr = e.shape[0]
+    even, odd = tl.split(tl.reshape(e, (N, 8, 2)))  # e[:, 2k], e[:, 2k + 1]
+    q0, q2 = tl.split(tl.reshape(even, (N, 4, 2)))  # e[:, 4k], e[:, 4k + 2]
+    q1, q3 = tl.split(tl.reshape(odd, (N, 4, 2)))   # e[:, 4k + 1], e[:, 4k + 3]
+    a0, a1, a2, a3 = _columns4(q0)
+    b0, b1, b2, b3 = _columns4(q1)
+    c0, c1, c2, c3 = _columns4(q2)
+    d0, d1, d2, d3 = _columns4(q3)
+    return a0 + b0 + c0 + d0 + a1 + b1 + c1 + d1 + a2 + b2 + c2 + d2 + a3 + b3 + c3 + d3
+
+
+@triton.jit
+def _columns4(t):
+    """The four columns of an [N, 4] tile."""
+    N: tl.constexpr = t.shape[0]
+    even, odd = tl.split(tl.reshape(t, (N, 2, 2)))  # t[:, 0::2], t[:, 1::2]
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _candidate_error(values, blocks, amax, ERR_MSE: tl.constexpr, E4M3_MAX: tl.constexpr):
+    """Per block of `blocks` ([N, 16]), the error TE's 4over6 reference gives a candidate of
+    `values` (code * scale): the in-order sum of |v - x| (MAE) or (v - x)^2 (MSE), where
+    v = (values * amax) / (6 * E4M3_MAX)."""
+    v = tl.math.div_rn(values * amax, tl.full(values.shape, 6.0 * E4M3_MAX, tl.float32))
+    diff = v - blocks
+    return _sum16_in_order(diff * diff if ERR_MSE else tl.abs(diff))
+
+
+@triton.jit
+def _sum_tile_rows(err):
+    """The 16 rows of [16, NB] block errors added in TE's warp-reduction order (8, 4, 2, 1 apart;
+    a sum of two is exact in either order): [1, NB]."""
+    NB: tl.constexpr = err.shape[1]
+    err = tl.sum(tl.reshape(err, (2, 8, NB)), axis=0)
+    err = tl.sum(tl.reshape(err, (2, 4, NB)), axis=0)
+    err = tl.sum(tl.reshape(err, (2, 2, NB)), axis=0)
+    return tl.sum(tl.reshape(err, (2, 1, NB)), axis=0)
+
+
+@triton.jit
+def _four_over_six(blocks, block_amax, amax, ERR_MSE: tl.constexpr, E4M3_MAX: tl.constexpr,
+                   TILE_ROWS: tl.constexpr):
+    """(codes, scale) of 4over6 for blocks [R, NB, 16] (TILE_ROWS=16: one 16x16 tile per NB
+    column, R = 16): map-to-6 scales by base = (block_amax / 6) * g_enc, map-to-4 by 1.5 * base;
+    map-to-4 is kept only where its error is smaller (formats._four_over_six)."""
+    R: tl.constexpr = blocks.shape[0]
+    NB: tl.constexpr = blocks.shape[1]
+    g_enc, g_dec = _global_scales(amax, E4M3_MAX)
+    base = tl.math.div_rn(block_amax, tl.full(block_amax.shape, 6.0, tl.float32)) * g_enc
+    scale4 = _to_e4m3(base * 1.5)
+    scale6 = _to_e4m3(base)
+    zero = tl.zeros(blocks.shape, tl.float32)
+    codes4 = _round_blocks(blocks, _encode(scale4, g_dec), zero, NO_RANDOM)
+    codes6 = _round_blocks(blocks, _encode(scale6, g_dec), zero, NO_RANDOM)
+    flat = tl.reshape(blocks, (R * NB, 16))
+    amax16 = tl.reshape(tl.broadcast_to(amax, (R, NB, 16)), (R * NB, 16))
+    err4 = _candidate_error(tl.reshape(codes4 * scale4, (R * NB, 16)), flat, amax16, ERR_MSE, E4M3_MAX)
+    err6 = _candidate_error(tl.reshape(codes6 * scale6, (R * NB, 16)), flat, amax16, ERR_MSE, E4M3_MAX)
+    if TILE_ROWS == 16:
+        pick4 = tl.reshape(_sum_tile_rows(tl.reshape(err4, (R, NB))) < _sum_tile_rows(tl.reshape(err6, (R, NB))),
+                           (1, NB, 1))
+    else:
+        pick4 = tl.reshape(err4 < err6, (R, NB, 1))
+    return tl.where(pick4, codes4, codes6), tl.where(pick4, scale4, scale6)
+
+
+@triton.jit
+def _dequant_scale(scale, amax, E4M3_MAX: tl.constexpr):
+    """TE's dequantize factor (scale * amax) * fp32(1 / (6 * E4M3_MAX)); where scale * amax
+    overflows, scale * (amax * that constant) (formats.dequant_scale)."""
+    if E4M3_MAX == 448:
+        factor = DEQUANT_FACTOR_448
+    else:
+        factor = DEQUANT_FACTOR_256
+    product = scale * amax
+    overflow = tl.where(amax <= FLT_MAX, product > FLT_MAX, False)
+    return tl.where(overflow, scale * (amax * factor), product * factor)
+
+
+@triton.jit
+def _round_blocks(blocks, encode, u, RANDOM: tl.constexpr):
+    """Signed E2M1 codes of fp32 `blocks` (encode broadcast to blocks' shape); u: uniform
     k / 256 per element for stochastic rounding, unused otherwise."""
     v = blocks * encode
     # |clamp(v, -6, 6)|; min drops a NaN, but x holds a NaN only where its amax, and so every
@@ -180,8 +288,20 @@ def _round_blocks(blocks, scale, encode, u, RANDOM: tl.constexpr):
         q = _floor_e2m1(a + u * _e2m1_step(a))
     # v's sign back on q; v + 0.0 turns -0.0 into +0.0, as the reference's v < 0 test does
     sign = (v + 0.0).to(tl.int32, bitcast=True) & SIGN_BIT
-    q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    return q * scale
+    return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_blocks(blocks, block_amax, amax, u, RANDOM: tl.constexpr, FOUR_OVER_SIX: tl.constexpr,
+                     E4M3_MAX: tl.constexpr, TILE_ROWS: tl.constexpr):
+    """(signed codes, E4M3 scales) of fp32 blocks [R, NB, 16] in a tensor (or row) of `amax`."""
+    if FOUR_OVER_SIX != NO_FOUR_OVER_SIX:
+        codes, scale = _four_over_six(blocks, block_amax, amax, FOUR_OVER_SIX == FOUR_OVER_SIX_MSE,
+                                      E4M3_MAX, TILE_ROWS)
+    else:
+        scale, encode = _block_scales(block_amax, amax)
+        codes = _round_blocks(blocks, encode, u, RANDOM)
+    return codes, scale
 
 
 @triton.jit
@@ -199,13 +319,17 @@ def _uniform(bits_ptr, seed_ptr, seed_offset, offsets, first_counter, mask, RAND
 
 
 @triton.jit
-def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_out_ptr, col_out_ptr, rows, cols,
+def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_out_ptr, col_out_ptr, deq_out_ptr, rows, cols,
                   ROWWISE: tl.constexpr, COLUMNWISE: tl.constexpr, RHT: tl.constexpr,
-                  TILE_ROWS: tl.constexpr, RANDOM: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
-    """One read of a [16, BLOCK_C] tile of x, up to two quantized copies written in x's layout:
-    ROWWISE: blocks of 16 along rows (TILE_ROWS=16: 16x16 tiles), global amax amax_ptr[0];
-    COLUMNWISE: blocks of 16 down columns, i.e. x^T's 1x16 blocks (RHT: of RHT(x^T)), global
-    amax amax_ptr[1]. The GEMM reads the columnwise copy as a transposed view."""
+                  TILE_ROWS: tl.constexpr, RANDOM: tl.constexpr, FOUR_OVER_SIX: tl.constexpr,
+                  E4M3_MAX: tl.constexpr, ROW_SCALED: tl.constexpr, DEQUANT: tl.constexpr,
+                  BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    """One read of a [16, BLOCK_C] tile of x, up to two quantized copies (code * scale) written in
+    x's layout: ROWWISE: blocks of 16 along rows (TILE_ROWS=16: 16x16 tiles); COLUMNWISE: blocks
+    of 16 down columns, i.e. x^T's 1x16 blocks (RHT: of RHT(x^T)). Global amaxes: amax_ptr[0] and
+    [1], or (ROW_SCALED) one per row, amax_ptr[r], and one per column, amax_ptr[rows + c]. The GEMM
+    reads the columnwise copy as a transposed view. DEQUANT: the rowwise copy also as TE's
+    dequantize writes it, code * _dequant_scale, to deq_out_ptr."""
     r = tl.program_id(0) * 16 + tl.arange(0, 16)
     c0 = tl.program_id(1) * BLOCK_C
     c = c0 + tl.arange(0, BLOCK_C)
@@ -219,18 +343,65 @@ def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_out_ptr, col_out_ptr,
         block_amax = tl.max(tl.abs(blocks), axis=2, keep_dims=True)
         if TILE_ROWS == 16:  # 16x16 tiles: one amax for the tile's 16 rows
             block_amax = tl.max(block_amax, axis=0, keep_dims=True)
+        if ROW_SCALED:
+            amax = tl.reshape(tl.load(amax_ptr + r, mask=r < rows, other=0.0), (16, 1, 1))
+        else:
+            amax = tl.load(amax_ptr)
         u = tl.reshape(_uniform(bits_ptr, seed_ptr, 0, offsets, (r * cols + c0) // 16, mask, RANDOM), blocks.shape)
-        scale, encode = _block_scales(block_amax, tl.load(amax_ptr))
-        values = _round_blocks(blocks, scale, encode, u, RANDOM)
-        tl.store(row_out_ptr + offsets, tl.reshape(values, (16, BLOCK_C)).to(row_out_ptr.dtype.element_ty), mask=mask)
+        codes, scale = _quantize_blocks(blocks, block_amax, amax, u, RANDOM, FOUR_OVER_SIX, E4M3_MAX, TILE_ROWS)
+        tl.store(row_out_ptr + offsets, tl.reshape(codes * scale, (16, BLOCK_C)).to(row_out_ptr.dtype.element_ty),
+                 mask=mask)
+        if DEQUANT:
+            deq = tl.reshape(codes * _dequant_scale(scale, amax, E4M3_MAX), (16, BLOCK_C))
+            deq = _round_to(deq, deq_out_ptr.dtype.element_ty)  # to nearest even, also interpreted
+            tl.store(deq_out_ptr + offsets, deq.to(deq_out_ptr.dtype.element_ty), mask=mask)
     if COLUMNWISE:  # on x^T's tile [BLOCK_C, 16], whose rows are the blocks (one per thread group)
         xt = tl.trans(x)
         blocks = _round_to(_rht_rows(xt), xt.dtype) if RHT else xt.to(tl.float32)
         block_amax = tl.max(tl.abs(blocks), axis=1, keep_dims=True)
-        scale, encode = _block_scales(block_amax, tl.load(amax_ptr + 1))
-        u = _uniform(bits_ptr, seed_ptr, 1, tl.trans(offsets), tl.program_id(0) * cols + c, tl.trans(mask), RANDOM)
-        values = _round_blocks(blocks, scale, encode, u, RANDOM)
+        if ROW_SCALED:
+            amax = tl.reshape(tl.load(amax_ptr + rows + c, mask=c < cols, other=0.0), (BLOCK_C, 1))
+        else:
+            amax = tl.load(amax_ptr + 1)
+        if FOUR_OVER_SIX != NO_FOUR_OVER_SIX:  # on [BLOCK_C, 1, 16], the rowwise layout of blocks
+            codes, scale = _four_over_six(tl.reshape(blocks, (BLOCK_C, 1, 16)), tl.reshape(block_amax, (BLOCK_C, 1, 1)),
+                                          amax if not ROW_SCALED else tl.reshape(amax, (BLOCK_C, 1, 1)),
+                                          FOUR_OVER_SIX == FOUR_OVER_SIX_MSE, E4M3_MAX, 1)
+            values = tl.reshape(codes * scale, (BLOCK_C, 16))
+        else:
+            scale, encode = _block_scales(block_amax, amax)
+            u = _uniform(bits_ptr, seed_ptr, 1, tl.trans(offsets), tl.program_id(0) * cols + c, tl.trans(mask), RANDOM)
+            values = _round_blocks(blocks, encode, u, RANDOM) * scale
         tl.store(col_out_ptr + tl.trans(offsets), values.to(col_out_ptr.dtype.element_ty), mask=tl.trans(mask))
+
+
+@triton.jit
+def _max_nan(a, axis: tl.constexpr):
+    """max of a non-negative tile along axis, NaN where any element is."""
+    has_nan = tl.sum((a != a).to(tl.int32), axis=axis) > 0
+    return tl.where(has_nan, float("nan"), tl.max(a, axis=axis))
+
+
+@triton.jit
+def _row_amax_kernel(x_ptr, amax_ptr, rows, cols, COLUMNWISE: tl.constexpr, RHT: tl.constexpr,
+                     ROW_TILES: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row-scaled amaxes (zeroed before, NaN where a value is): amax_ptr[r] <- max_c |x[r, c]|,
+    and (COLUMNWISE) amax_ptr[rows + c] <- max over the column c of x (RHT: of row c of RHT(x^T))."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_max = tl.zeros((BLOCK_C,), tl.float32)
+    for tile in range(ROW_TILES):
+        r = (tl.program_id(0) * ROW_TILES + tile) * 16 + tl.arange(0, 16)
+        mask = (r[:, None] < rows) & (c[None, :] < cols)
+        x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0)
+        a = tl.abs(x.to(tl.float32))
+        tl.atomic_max(amax_ptr + r, _max_nan(a, 1), mask=r < rows)
+        if COLUMNWISE:
+            column = _max_nan(tl.abs(_rht_rows(tl.trans(x))), 1) if RHT else _max_nan(a, 0)
+            col_max = tl.maximum(col_max, column, propagate_nan=tl.PropagateNan.ALL)
+    if COLUMNWISE:
+        if RHT:  # rounded to x's dtype once, at the end
+            col_max = _round_to(col_max, x_ptr.dtype.element_ty)
+        tl.atomic_max(amax_ptr + rows + c, col_max, mask=c < cols)
 
 
 @triton.jit
@@ -271,11 +442,12 @@ def _amax_kernel(x_ptr, amax_ptr, rows, cols, RHT: tl.constexpr, ROW_TILES: tl.c
 @triton.jit
 def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, factor_a_ptr, factor_b_ptr, bias_ptr, M, N, K,
                       stride_am, stride_ak, stride_bk, stride_bn, ALPHA_SCALE: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                      A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """out = alpha * (a @ b) + bias, fp32 accumulation, one rounding to out's dtype, where
-    alpha = factor_a * factor_b * ALPHA_SCALE (TE's epilogue; the order of the K products and
-    a possible FMA of the bias add are the implementation's, as in any GEMM)."""
+    alpha = factor_a * factor_b * ALPHA_SCALE (TE's epilogue; A_PER_ROW / B_PER_COL: a factor per
+    row of a / column of b, as row-scaled NVFP4; the order of the K products and a possible FMA
+    of the bias add are the implementation's, as in any GEMM)."""
     # consecutive programs take one row of output tiles: they share its A tiles (the activations,
     # the big operand) in L2, and B (a weight) stays in L2 anyway
     blocks_n = tl.cdiv(N, BLOCK_N)
@@ -302,7 +474,15 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, factor_a_ptr, factor_b_ptr, bias_pt
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    alpha = tl.load(factor_a_ptr) * tl.load(factor_b_ptr)
+    if A_PER_ROW:
+        factor_a = tl.load(factor_a_ptr + rm_load)[:, None]
+    else:
+        factor_a = tl.load(factor_a_ptr)
+    if B_PER_COL:
+        factor_b = tl.load(factor_b_ptr + rn_load)[None, :]
+    else:
+        factor_b = tl.load(factor_b_ptr)
+    alpha = factor_a * factor_b
     if ALPHA_SCALE != 1.0:
         alpha = alpha * ALPHA_SCALE
     y = acc * alpha
@@ -323,33 +503,46 @@ NUM_WARPS = 4
 
 
 def launch_quantize(x: torch.Tensor, amax: torch.Tensor, row_out=None, col_out=None, tile_rows: int = 1,
-           rht: bool = False, bits=None, seed=None, pdl: bool = False):
+                    rht: bool = False, bits=None, seed=None, pdl: bool = False, four_over_six=None,
+                    e4m3_max: int = 448, row_scaled: bool = False, deq_out=None):
     """Quantize a contiguous 2D x (cols % 16 == 0; columnwise also rows % 16 == 0) into
     row_out (rowwise copy) and/or col_out (columnwise: x^T, or RHT(x^T) with rht, quantized in
     x's layout, so col_out^T is the operand). amax: fp32 [amax of x, amax of the columnwise
-    operand]. Rounds to nearest, or stochastically with explicit uint8 `bits` (x's shape, one
-    copy at a time) or from an int64 `seed` tensor. pdl: see _supports_pdl."""
+    operand], or (row_scaled) [one per row of x, then one per column]. Rounds to nearest, or
+    stochastically with explicit uint8 `bits` (x's shape, one copy at a time) or from an int64
+    `seed` tensor. four_over_six: None, "MAE" or "MSE"; e4m3_max: its global bound. deq_out:
+    also write TE's dequantized rowwise copy there. pdl: see _supports_pdl."""
     assert bits is None or (row_out is None) != (col_out is None), "explicit bits: one copy at a time"
     rows, cols = x.shape
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, BLOCK_C))
     random = (RANDOM_BITS if bits is not None else RANDOM_SEED if seed is not None else NO_RANDOM).value
+    mode = FOUR_OVER_SIX_MODES[four_over_six]
     # a pointer the kernel does not touch takes `amax` (any tensor would do)
     _nvfp4_kernel[grid](x, amax, amax if bits is None else bits, amax if seed is None else seed,
                         amax if row_out is None else row_out, amax if col_out is None else col_out,
-                        rows, cols, ROWWISE=row_out is not None, COLUMNWISE=col_out is not None,
-                        RHT=rht, TILE_ROWS=tile_rows, RANDOM=random, BLOCK_C=BLOCK_C, PDL=pdl,
-                        num_warps=NUM_WARPS, launch_pdl=pdl)
+                        amax if deq_out is None else deq_out, rows, cols, ROWWISE=row_out is not None,
+                        COLUMNWISE=col_out is not None, RHT=rht, TILE_ROWS=tile_rows, RANDOM=random,
+                        FOUR_OVER_SIX=mode, E4M3_MAX=e4m3_max, ROW_SCALED=row_scaled, DEQUANT=deq_out is not None,
+                        BLOCK_C=BLOCK_C, PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl,
+                        # 4over6 compares sums of separately rounded products, as TE's reference: no FMAs
+                        enable_fp_fusion=mode == 0)
 
 
-def launch_amax(x: torch.Tensor, amax: torch.Tensor, rht: bool = False, pdl: bool = False):
-    """amax (fp32, two zeros) <- [max |x|, max |RHT(x^T)| (rht; rows % 16 == 0) or max |x|]
-    for a contiguous 2D x. pdl: see _supports_pdl."""
+def launch_amax(x: torch.Tensor, amax: torch.Tensor, rht: bool = False, pdl: bool = False,
+                row_scaled: bool = False, columnwise: bool = True):
+    """amax (fp32 zeros) <- [max |x|, max |RHT(x^T)| (rht; rows % 16 == 0) or max |x|] for a
+    contiguous 2D x; row_scaled: [max |x| of each row, then of each column of x (columnwise;
+    rht: of each row of RHT(x^T))]. pdl: see _supports_pdl (not with row_scaled)."""
     rows, cols = x.shape
     # about a thousand programs, each over several row tiles of 16 x 64, so that few atomics
     # meet at the two addresses and each program has enough rows to read
     tiles = triton.cdiv(rows, 16) * triton.cdiv(cols, AMAX_BLOCK_C)
     row_tiles = min(16 if rht else 8, triton.next_power_of_2(triton.cdiv(tiles, 1024)))
     grid = (triton.cdiv(rows, 16 * row_tiles), triton.cdiv(cols, AMAX_BLOCK_C))
+    if row_scaled:
+        _row_amax_kernel[grid](x, amax, rows, cols, COLUMNWISE=columnwise, RHT=rht, ROW_TILES=row_tiles,
+                               BLOCK_C=AMAX_BLOCK_C, num_warps=NUM_WARPS)
+        return
     _amax_kernel[grid](x, amax, rows, cols, RHT=rht, ROW_TILES=row_tiles, BLOCK_C=AMAX_BLOCK_C,
                        PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl)
 
@@ -368,32 +561,43 @@ def _supports_pdl(x: torch.Tensor) -> bool:
 # of x per kernel reading it; an opaque op reads the producer's one output.
 @torch.library.custom_op("nvfp4::quantize", mutates_args=())
 def quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: bool, columnwise: bool,
-             rht: bool, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, col, amax) of a contiguous 2D x in two reads: code * E4M3 scale (exact in bf16) of
-    NVFP4(x) (rowwise) and of x^T or RHT(x^T) stored in x's layout (columnwise), a copy not
-    asked for being empty, and the fp32 global amaxes [of x, of the columnwise operand].
-    seed: int64 tensor of one element, read when stochastic."""
-    amax = torch.zeros(2, dtype=torch.float32, device=x.device)
-    pdl = _supports_pdl(x)
-    launch_amax(x, amax, rht and columnwise, pdl=pdl)
-    row_out, col_out = _quantize_outputs(x, rowwise, columnwise)
+             rht: bool, stochastic: bool, four_over_six: int = 0, e4m3_max: int = 448, row_scaled: bool = False,
+             dequantized: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, col, amax, deq) of a contiguous 2D x in two reads: code * E4M3 scale (exact in
+    bf16) of NVFP4(x) (rowwise) and of x^T or RHT(x^T) stored in x's layout (columnwise), a copy
+    not asked for being empty; the fp32 global amaxes [of x, of the columnwise operand], or
+    (row_scaled) [per row of x, then per row of the columnwise operand]; and (dequantized) the
+    rowwise copy as TE's dequantize gives it, in x's dtype. seed: int64 tensor of one element,
+    read when stochastic. four_over_six: 0 (off), 1 (MAE), 2 (MSE)."""
+    amax = torch.zeros(x.shape[0] + x.shape[1] if row_scaled else 2, dtype=torch.float32, device=x.device)
+    pdl = _supports_pdl(x) and not row_scaled
+    launch_amax(x, amax, rht and columnwise, pdl=pdl, row_scaled=row_scaled, columnwise=columnwise)
+    row_out, col_out, deq_out = _quantize_outputs(x, rowwise, columnwise, dequantized)
     launch_quantize(x, amax, row_out if rowwise else None, col_out if columnwise else None, tile_rows, rht,
-           seed=seed if stochastic else None, pdl=pdl)
-    return row_out, col_out, amax
+                    seed=seed if stochastic else None, pdl=pdl, four_over_six=(None, "MAE", "MSE")[four_over_six],
+                    e4m3_max=e4m3_max, row_scaled=row_scaled, deq_out=deq_out if dequantized else None)
+    return row_out, col_out, amax, deq_out
 
 
 @quantize.register_fake
-def _(x, seed, tile_rows, rowwise, columnwise, rht, stochastic):
-    return *_quantize_outputs(x, rowwise, columnwise), x.new_empty(2, dtype=torch.float32)
+def _(x, seed, tile_rows, rowwise, columnwise, rht, stochastic, four_over_six=0, e4m3_max=448, row_scaled=False,
+      dequantized=False):
+    amax = x.new_empty(x.shape[0] + x.shape[1] if row_scaled else 2, dtype=torch.float32)
+    row_out, col_out, deq_out = _quantize_outputs(x, rowwise, columnwise, dequantized)
+    return row_out, col_out, amax, deq_out
 
 
-def _quantize_outputs(x: torch.Tensor, rowwise: bool, columnwise: bool):
-    return tuple(torch.empty(x.shape if wanted else 0, dtype=torch.bfloat16, device=x.device)
-                 for wanted in (rowwise, columnwise))
+def _quantize_outputs(x: torch.Tensor, rowwise: bool, columnwise: bool, dequantized: bool):
+    copies = tuple(torch.empty(x.shape if wanted else 0, dtype=torch.bfloat16, device=x.device)
+                   for wanted in (rowwise, columnwise))
+    return *copies, torch.empty(x.shape if dequantized else 0, dtype=x.dtype, device=x.device)
 
 
-# TE's alpha divides by 6 * 6 * 448 * 448: on CUDA torch multiplies by the divisor's fp32 reciprocal.
-NVFP4_ALPHA_SCALE = torch.tensor(1.0, dtype=torch.float32).div(NVFP4_ALPHA_DENOM).item()
+def nvfp4_alpha_scale(e4m3_max_a: int = 448, e4m3_max_b: int = 448) -> float:
+    """TE's alpha divides by 6 * 6 * e4m3_max_a * e4m3_max_b: on CUDA torch multiplies by the
+    divisor's fp32 reciprocal."""
+    return torch.tensor(1.0, dtype=torch.float32).div(alpha_denom(e4m3_max_a, e4m3_max_b)).item()
+
 MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_WARPS, MM_STAGES = 128, 128, 64, 4, 3  # the fastest tried on Hopper
 
 
@@ -403,7 +607,8 @@ def launch_scaled_mm(a, b, factor_a, factor_b, bias, out, alpha_scale, launcher=
     grid = (triton.cdiv(M, MM_BLOCK_M) * triton.cdiv(N, MM_BLOCK_N),)
     (launcher or _scaled_mm_kernel)[grid](
         a, b, out, factor_a, factor_b, factor_a if bias is None else bias, M, N, K, a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), ALPHA_SCALE=alpha_scale, HAS_BIAS=bias is not None,
+        b.stride(0), b.stride(1), ALPHA_SCALE=alpha_scale, A_PER_ROW=factor_a.numel() > 1,
+        B_PER_COL=factor_b.numel() > 1, HAS_BIAS=bias is not None,
         BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K,
         EVEN_K=K % MM_BLOCK_K == 0, num_warps=MM_WARPS, num_stages=MM_STAGES)
 
@@ -413,7 +618,8 @@ def launch_scaled_mm(a, b, factor_a, factor_b, bias, out, alpha_scale, launcher=
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, factor_a: torch.Tensor, factor_b: torch.Tensor,
               bias: Optional[torch.Tensor], alpha_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     """factor_a * factor_b * alpha_scale * (a @ b) + bias in out_dtype, from one fp32 accumulator
-    (a, b: exact bf16 operand values; factors: fp32 scalars, e.g. the operands' global amaxes)."""
+    (a, b: exact bf16 operand values; factors: fp32, e.g. the operands' global amaxes: a scalar,
+    or one per row of a / per column of b)."""
     out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
     launch_scaled_mm(a, b, factor_a, factor_b, bias, out, alpha_scale,
                      launcher=torch.library.wrap_triton(_scaled_mm_kernel))

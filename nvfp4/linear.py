@@ -10,16 +10,20 @@ GEMMs per TE's recipe table (NVFP4BlockScaling; Q = quantize, blocks of 16 along
     wgrad  dW = Q(RHT(dY^T), SR)      @ Q(RHT(X^T))^T   (blocks along the token dim)
 Each GEMM multiplies exact operand values with fp32 accumulation, then applies TE's epilogue
 alpha = amax_a * amax_b / (6 * 6 * 448 * 448) (FP8: scale_inv_a * scale_inv_b) and the bias.
+The recipe's other switches (NVFP4Recipe.quantizer) change how each operand is quantized:
+4over6 blocks and a 256 bound in place of 448 (forward operands), one amax per row (the input's
+copies: alpha then has one factor per output row in fprop, per output column in wgrad);
+backward_override replaces the quantized dgrad/wgrad by unquantized GEMMs.
 """
 from contextlib import contextmanager
 from fnmatch import fnmatch
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import (NVFP4_ALPHA_DENOM, FP8Recipe, NVFP4Recipe, NVFP4Tensor, quantize_fp8,
+from .formats import (FP8Recipe, NVFP4Quantizer, NVFP4Recipe, NVFP4Tensor, alpha_denom, quantize_fp8,
                       quantize_nvfp4, random_bits, random_hadamard_transform)
 from .shapes import gemm_shape_error, rows_of
 
@@ -32,40 +36,72 @@ Recipe = Union[NVFP4Recipe, FP8Recipe]
 _active_stats = None  # an FP4Stats while `collect_fp4_stats` is active (eager passes only)
 
 
+class Operand(NamedTuple):
+    """A quantized GEMM operand: exact values (code x E4M3 block scale, or the FP8 value), its
+    fp32 global factor (NVFP4: the amax, a scalar or one per row; FP8: scale_inv), and NVFP4's
+    E4M3 bound of the global scale (None for FP8), which TE's GEMM alpha divides by."""
+    values: torch.Tensor
+    factor: torch.Tensor
+    e4m3_max: Optional[int] = None
+
+
 def _quantize(recipe: Recipe, kind: str, t: torch.Tensor, name: str, rowwise: bool = True,
-              columnwise: bool = False):
+              columnwise: bool = False, dequantized: bool = False):
     """Quantize the GEMM operand t (kind: x, w or dy) into its rowwise copy (fprop, dgrad) and/or
     its columnwise copy: Q(t^T) (x, dy: Q(RHT(t^T))) in t^T's shape, the transposed operand of
-    the wgrad GEMM (of dgrad for W). Returns (rowwise, columnwise), each (values, factor) or None."""
+    the wgrad GEMM (of dgrad for W). Returns (rowwise, columnwise, dequantized): Operands or None,
+    and with `dequantized` the rowwise copy as TE's dequantize gives it, in t's dtype."""
     if isinstance(recipe, FP8Recipe):  # per-tensor scaling: the transpose has the same values
         q = quantize_fp8(t, torch.float8_e5m2 if kind == "dy" else torch.float8_e4m3fn)
         values = q.values.to(_gemm_dtype(t))
-        return (values, q.scale_inv) if rowwise else None, (values.t(), q.scale_inv) if columnwise else None
-    tile_rows = 16 if kind == "w" and not recipe.disable_2d_quantization else 1
-    reuse = columnwise and tile_rows == 16  # 16x16 tiles quantize W and W^T to the same values
+        return (Operand(values, q.scale_inv) if rowwise else None,
+                Operand(values.t(), q.scale_inv) if columnwise else None,
+                (q.values * q.scale_inv).to(t.dtype) if dequantized else None)
+    spec = recipe.quantizer(kind)
+    # 16x16 tiles quantize W and W^T to the same values, unless 4over6 adds a tile's errors in
+    # another order for the transpose
+    reuse = columnwise and spec.tile_rows == 16 and spec.four_over_six is None
     columnwise = columnwise and not reuse
-    rht = kind != "w" and not recipe.disable_rht  # of the columnwise copy
-    stochastic = kind == "dy" and not recipe.disable_stochastic_rounding
-    if _kernel_takes(t, rowwise, columnwise, tile_rows):  # both copies from one read of t
-        t = t.contiguous()
-        seed = (torch.randint(2 ** 62, (1,), device=t.device) if stochastic
-                else torch.empty(0, dtype=torch.int64, device=t.device))
-        row, col, amax = torch.ops.nvfp4.quantize(t, seed, tile_rows, rowwise, columnwise, rht, stochastic)
-        row, col = (row, amax[0]) if rowwise else None, (col.t(), amax[1]) if columnwise else None
+    if _kernel_takes(t, rowwise, columnwise, spec.tile_rows):
+        row, col, deq = _quantize_on_gpu(spec, t.contiguous(), rowwise, columnwise, dequantized)
     else:
-        row = col = None
+        row = col = deq = None
         if rowwise:
-            q = quantize_nvfp4(t, tile_rows=tile_rows, stochastic=stochastic,
-                               bits=random_bits(t.shape, t.device) if stochastic else None)
+            q = _quantize_2d(spec, t)
             if _active_stats is not None:
                 _active_stats.record(name, kind, t, q)
-            row = (q.values().to(_gemm_dtype(t)), q.amax)
+            row = Operand(q.values().to(_gemm_dtype(t)), q.amax, q.e4m3_max)
+            deq = q.dequantize().to(t.dtype) if dequantized else None
         if columnwise:
             tt = t.t().contiguous()
-            tt = random_hadamard_transform(tt) if rht else tt
-            q = quantize_nvfp4(tt, stochastic=stochastic, bits=random_bits(tt.shape, t.device) if stochastic else None)
-            col = (q.values().to(_gemm_dtype(t)), q.amax)
-    return row, (row[0].t(), row[1]) if reuse else col
+            q = _quantize_2d(spec, random_hadamard_transform(tt) if spec.rht else tt)
+            col = Operand(q.values().to(_gemm_dtype(t)), q.amax, q.e4m3_max)
+    return row, Operand(row.values.t(), row.factor, row.e4m3_max) if reuse else col, deq
+
+
+def _quantize_2d(spec: NVFP4Quantizer, t: torch.Tensor):
+    return quantize_nvfp4(t, tile_rows=spec.tile_rows, stochastic=spec.stochastic,
+                          bits=random_bits(t.shape, t.device) if spec.stochastic else None,
+                          four_over_six=spec.four_over_six, e4m3_max=spec.e4m3_max, row_scaled=spec.row_scaled)
+
+
+def _quantize_on_gpu(spec: NVFP4Quantizer, t: torch.Tensor, rowwise: bool, columnwise: bool, dequantized: bool):
+    """The Triton op: both copies from one read of t. A 16x16-tile columnwise copy (4over6
+    weights) is the rowwise copy of t^T, quantized on its own."""
+    if columnwise and spec.tile_rows == 16:
+        row, _, deq = _quantize_on_gpu(spec, t, rowwise, False, dequantized) if rowwise else (None, None, None)
+        col, _, _ = _quantize_on_gpu(spec, t.t().contiguous(), True, False, False)
+        return row, col, deq
+    seed = (torch.randint(2 ** 62, (1,), device=t.device) if spec.stochastic
+            else torch.empty(0, dtype=torch.int64, device=t.device))
+    mode = kernels.FOUR_OVER_SIX_MODES[spec.four_over_six]
+    row, col, amax, deq = torch.ops.nvfp4.quantize(t, seed, spec.tile_rows, rowwise, columnwise, spec.rht,
+                                                   spec.stochastic, mode, spec.e4m3_max, spec.row_scaled, dequantized)
+    rows = t.shape[0]
+    row_amax, col_amax = (amax[:rows], amax[rows:]) if spec.row_scaled else (amax[0], amax[1])
+    return (Operand(row, row_amax, spec.e4m3_max) if rowwise else None,
+            Operand(col.t(), col_amax, spec.e4m3_max) if columnwise else None,
+            deq if dequantized else None)
 
 
 def _kernel_takes(t: torch.Tensor, rowwise: bool, columnwise: bool, tile_rows: int) -> bool:
@@ -75,7 +111,7 @@ def _kernel_takes(t: torch.Tensor, rowwise: bool, columnwise: bool, tile_rows: i
         return False
     rows, cols = t.shape
     return ((not rowwise or (cols % 16 == 0 and rows % tile_rows == 0))
-            and (not columnwise or rows % 16 == 0))
+            and (not columnwise or (rows % 16 == 0 and cols % tile_rows == 0)))
 
 
 def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
@@ -83,21 +119,20 @@ def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if t.is_cuda else torch.float32
 
 
-def _alpha(recipe: Recipe, factor_a: torch.Tensor, factor_b: torch.Tensor) -> torch.Tensor:
-    if isinstance(recipe, FP8Recipe):
-        return factor_a * factor_b
-    return factor_a * factor_b / NVFP4_ALPHA_DENOM
-
-
-def _gemm(recipe: Recipe, a, a_factor, b_t, b_factor, bias, out_dtype, wgrad=False):
-    """alpha * (a @ b_t) + bias with fp32 accumulation, rounded once to out_dtype. On CUDA,
-    fprop and dgrad run the Triton GEMM with this epilogue fused (the fp32 product never goes
-    to memory); wgrad (K = tokens, a small output) stays with cuBLAS, whose split-K suits it."""
-    if kernels is not None and a.is_cuda and not wgrad:
-        alpha_scale = kernels.NVFP4_ALPHA_SCALE if isinstance(recipe, NVFP4Recipe) else 1.0
-        return torch.ops.nvfp4.scaled_mm(a, b_t, a_factor, b_factor, bias, alpha_scale, out_dtype)
-    acc = torch.mm(a, b_t, out_dtype=torch.float32) if a.is_cuda else torch.mm(a, b_t)
-    y = acc * _alpha(recipe, a_factor, b_factor)
+def _gemm(a: Operand, b_t: Operand, bias, out_dtype, wgrad=False):
+    """alpha * (a @ b_t) + bias with fp32 accumulation, rounded once to out_dtype, where alpha =
+    a.factor * b_t.factor (FP8) or a.factor * b_t.factor / (6 * 6 * a.e4m3_max * b.e4m3_max) (NVFP4;
+    a factor per row of a, or per column of b_t, where row-scaled). On CUDA, fprop and dgrad run the
+    Triton GEMM with this epilogue fused (the fp32 product never goes to memory); wgrad (K =
+    tokens, a small output) stays with cuBLAS, whose split-K suits it."""
+    nvfp4 = a.e4m3_max is not None
+    if kernels is not None and a.values.is_cuda and not wgrad:
+        alpha_scale = kernels.nvfp4_alpha_scale(a.e4m3_max, b_t.e4m3_max) if nvfp4 else 1.0
+        return torch.ops.nvfp4.scaled_mm(a.values, b_t.values, a.factor, b_t.factor, bias, alpha_scale, out_dtype)
+    acc = (torch.mm(a.values, b_t.values, out_dtype=torch.float32) if a.values.is_cuda
+           else torch.mm(a.values, b_t.values))
+    alpha = (a.factor[:, None] if a.factor.dim() else a.factor) * (b_t.factor[None, :] if b_t.factor.dim() else b_t.factor)
+    y = acc * (alpha / alpha_denom(a.e4m3_max, b_t.e4m3_max) if nvfp4 else alpha)
     if bias is not None:
         y = y + bias.to(out_dtype)  # TE's epilogue adds the bias in the output dtype
     # no `.to()` when the dtype already matches: torch 2.11's compiled autograd.Function
@@ -105,17 +140,38 @@ def _gemm(recipe: Recipe, a, a_factor, b_t, b_factor, bias, out_dtype, wgrad=Fal
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
+def _high_precision_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in a's dtype (fp32 accumulation), as the unquantized backward GEMMs of TE's
+    backward_override run."""
+    return torch.mm(a, b.to(a.dtype))
+
+
 class _QuantizedLinearFn(torch.autograd.Function):
+    """y = x @ W^T + b with the three GEMMs in the recipe's format. recipe.backward_override
+    (TE's): None quantizes dY and runs dgrad/wgrad on the columnwise copies; "high_precision"
+    saves x and W and runs both GEMMs unquantized; "dequantized" saves the forward's rowwise
+    copies dequantized (TE's dequantize) and runs both unquantized on them."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, recipe, name, need_dx, need_dw):
         # need_dx/need_dw come from the caller: ctx.needs_input_grad is not reliable under
         # torch.compile in every torch release (2.11 traced a backward that skipped dX).
-        (xq, x_factor), xt = _quantize(recipe, "x", x, name, columnwise=need_dw)
-        (wq, w_factor), wt = _quantize(recipe, "w", weight, name, columnwise=need_dx)
-        y = _gemm(recipe, xq, x_factor, wq.t(), w_factor, bias, x.dtype)
-        xtq, xt_factor = xt or (None, None)
-        wtq, wt_factor = wt or (None, None)
-        ctx.save_for_backward(xtq, xt_factor, wtq, wt_factor)
+        override = recipe.backward_override
+        quantized_backward = override is None
+        dequantized = override == "dequantized"
+        xq, xt, x_deq = _quantize(recipe, "x", x, name, columnwise=need_dw and quantized_backward,
+                                  dequantized=need_dw and dequantized)
+        wq, wt, w_deq = _quantize(recipe, "w", weight, name, columnwise=need_dx and quantized_backward,
+                                  dequantized=need_dx and dequantized)
+        y = _gemm(xq, Operand(wq.values.t(), wq.factor, wq.e4m3_max), bias, x.dtype)
+        if quantized_backward:
+            xt, wt = xt or Operand(None, None), wt or Operand(None, None)
+            ctx.save_for_backward(xt.values, xt.factor, wt.values, wt.factor)
+            ctx.e4m3_maxes = (xt.e4m3_max, wt.e4m3_max)
+        elif dequantized:
+            ctx.save_for_backward(x_deq, w_deq)
+        else:
+            ctx.save_for_backward(x if need_dw else None, weight if need_dx else None)
         ctx.recipe, ctx.name, ctx.need_dx, ctx.need_dw = recipe, name, need_dx, need_dw
         ctx.need_db = bias is not None and bias.requires_grad
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
@@ -124,16 +180,24 @@ class _QuantizedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        xtq, xt_factor, wtq, wt_factor = ctx.saved_tensors
         dy = dy.contiguous()
         dx = dw = db = None
-        dy_row, dy_col = _quantize(ctx.recipe, "dy", dy, ctx.name, rowwise=ctx.need_dx, columnwise=ctx.need_dw)
-        if ctx.need_dx:
-            dyq, dy_factor = dy_row
-            dx = _gemm(ctx.recipe, dyq, dy_factor, wtq.t(), wt_factor, None, ctx.x_dtype)
-        if ctx.need_dw:
-            dytq, dyt_factor = dy_col
-            dw = _gemm(ctx.recipe, dytq, dyt_factor, xtq.t(), xt_factor, None, torch.float32, wgrad=True)
+        if ctx.recipe.backward_override is None:
+            xt_values, xt_factor, wt_values, wt_factor = ctx.saved_tensors
+            xt_max, wt_max = ctx.e4m3_maxes
+            dy_row, dy_col, _ = _quantize(ctx.recipe, "dy", dy, ctx.name, rowwise=ctx.need_dx,
+                                          columnwise=ctx.need_dw)
+            if ctx.need_dx:
+                dx = _gemm(dy_row, Operand(wt_values.t(), wt_factor, wt_max), None, ctx.x_dtype)
+            if ctx.need_dw:  # TE's wgrad GEMM writes the activation dtype
+                dw = _gemm(dy_col, Operand(xt_values.t(), xt_factor, xt_max), None, ctx.x_dtype, wgrad=True)
+        else:
+            x_saved, w_saved = ctx.saved_tensors
+            if ctx.need_dx:
+                dx = _high_precision_mm(dy, w_saved)
+            if ctx.need_dw:
+                dw = _high_precision_mm(dy.t(), x_saved)
+        if dw is not None:
             dw = dw.to(ctx.w_dtype)
         if ctx.need_db:
             db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)  # from the unquantized dY, as TE

@@ -68,8 +68,13 @@ def nvfp4_quantize(x, tile_rows=1):
 
 
 def nvfp4_dequantize(codes, scales, amax):
-    """TE's dequantize kernel: code * (scale * amax * fp32(1/2688)), in fp32."""
-    final = ((scales.astype(F32) * F32(amax)).astype(F32) * F32(1.0 / 2688.0)).astype(F32)
+    """TE's dequantize kernel: code * (scale * amax * fp32(1/2688)), in fp32; where scale * amax
+    overflows (TE's kernel: inf), scale * (amax * fp32(1/2688)) instead."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        product = (scales.astype(F32) * F32(amax)).astype(F32)
+        final = (product * F32(1.0 / 2688.0)).astype(F32)
+        finite = (scales.astype(F32) * (F32(amax) * F32(1.0 / 2688.0)).astype(F32)).astype(F32)
+    final = np.where(np.isinf(product) & np.isfinite(amax), finite, final)
     return (codes.astype(F32) * final).astype(F32)
 
 

@@ -130,6 +130,21 @@ def test_nan_and_inf_follow_te_reference_semantics():
     assert not torch.isfinite(deq).any()         # inf amax: every dequantized value is +-inf/NaN
 
 
+def test_dequantize_stays_finite_where_te_overflows():
+    """amax near FLT_MAX: TE's dequantize, (scale * amax) * (1 / 2688), overflows to inf (and
+    NaN for zero codes); ours multiplies amax by 1 / 2688 first there, and follows TE elsewhere."""
+    x = torch.tensor([[1e36] + [1.0] * 15])
+    q = quantize_nvfp4(x)
+    assert torch.isinf(q.scales * q.amax).all()  # TE's first product overflows
+    deq = fake_quantize(x)
+    assert torch.isfinite(deq).all() and deq[0, 0] == pytest.approx(1e36, rel=0.01)
+    assert (deq[0, 1:] == 0).all()  # 1.0 is below half the smallest code step of the 1e36 block
+    normal = torch.randn(16, 32, generator=torch.Generator().manual_seed(5))
+    q = quantize_nvfp4(normal)
+    te_order = q.codes * (q.scales * q.amax * (1.0 / 2688)).repeat_interleave(16, dim=1)
+    assert_bitwise(q.dequantize(), te_order)  # TE's order wherever it is finite
+
+
 def test_input_checks():
     with pytest.raises(TypeError):
         fake_quantize(torch.ones(4, 16, dtype=torch.int32))

@@ -128,7 +128,7 @@ if check_gemm:
         fa, fb = torch.tensor(3.7, device=device), torch.tensor(1.3, device=device)
         acc = a.double() @ w.double().t()
         for b, out_dtype, with_bias, scale in itertools.product((w.t(), w.t().contiguous()), (torch.bfloat16, torch.float32),
-                                                             (True, False), (kernels.NVFP4_ALPHA_SCALE, 1.0)):
+                                                             (True, False), (kernels.nvfp4_alpha_scale(), 1.0)):
             out = torch.empty(m, n, dtype=out_dtype, device=device)
             kernels.launch_scaled_mm(a, b, fa, fb, bias if with_bias else None, out, scale)
             y = acc.float() * (fa * fb * scale)
@@ -138,6 +138,16 @@ if check_gemm:
             ok = (out == two_roundings) | ((out == one_rounding) if device == "cuda" else False)
             assert ok.all(), (m, k, n, out_dtype, with_bias, (~ok).sum().item())
             gemms += 1
+        # row-scaled: a factor per row of a (fprop's input) or per column of b
+        for fa_v, fb_v in ((torch.rand(m, generator=g, device=device) + 0.5, fb),
+                           (fa, torch.rand(n, generator=g, device=device) + 0.5)):
+            for out_dtype in (torch.bfloat16, torch.float32):
+                out = torch.empty(m, n, dtype=out_dtype, device=device)
+                kernels.launch_scaled_mm(a, w.t(), fa_v, fb_v, None, out, kernels.nvfp4_alpha_scale(256, 448))
+                alpha = (fa_v[:, None] if fa_v.dim() else fa_v) * (fb_v[None, :] if fb_v.dim() else fb_v)
+                expected = (acc.float() * (alpha * kernels.nvfp4_alpha_scale(256, 448))).to(out_dtype)
+                assert torch.equal(out, expected), (m, n, out_dtype, fa_v.dim(), (out != expected).sum().item())
+                gemms += 1
     print("gemm", gemms)
 else:
     print("gemm skipped")
@@ -154,13 +164,62 @@ for seed in (None, torch.tensor([7], device=device)):
     assert torch.equal(row, row_alone) and torch.equal(col, col_alone)
     # the op the layers call: both passes, the same bits
     op_seed = torch.empty(0, dtype=torch.int64, device=device) if seed is None else seed
-    op_row, op_col, op_amax = torch.ops.nvfp4.quantize(x, op_seed, 1, True, True, True, seed is not None)
+    op_row, op_col, op_amax, _ = torch.ops.nvfp4.quantize(x, op_seed, 1, True, True, True, seed is not None)
     assert torch.equal(op_row, row) and torch.equal(op_col, col) and torch.equal(op_amax, amax)
 print("both copies ok")
 # its fake (meta) function and registration agree with it, as torch.compile relies on
 torch.library.opcheck(torch.ops.nvfp4.quantize, (x, torch.tensor([7], device=device), 16, True, False, False, True))
 torch.library.opcheck(torch.ops.nvfp4.quantize, (x, torch.empty(0, dtype=torch.int64, device=device), 1, False, True, True, False))
+torch.library.opcheck(torch.ops.nvfp4.quantize, (x, torch.empty(0, dtype=torch.int64, device=device), 1, True, True, False, False, 2, 256, True, True))
 print("op ok")
+
+# the recipe's other options through the op the layers call, against formats.quantize_nvfp4:
+# 4over6 (MAE / MSE, bound 256 / 448, 1x16 and 16x16), row-scaled amaxes (with and without RHT),
+# and TE's dequantized rowwise copy
+def same(a, b):
+    a, b = a.float(), b.float()
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num().view(torch.int32), b.nan_to_num().view(torch.int32))
+options = 0
+for dtype in (torch.float32, torch.bfloat16):
+    x = (torch.randn(48, 96, generator=g, device=device) * torch.logspace(-3, 3, 96, device=device)).to(dtype)
+    x[0, :16] = 0
+    x[5, :] *= 1e-3
+    for mode, bound, tile, row_scaled, rht in [("MAE", 256, 1, False, False), ("MSE", 256, 1, False, False),
+                                              ("MAE", 448, 1, False, False), ("MAE", 256, 16, False, False),
+                                              ("MSE", 448, 16, False, False), (None, 448, 1, True, False),
+                                              (None, 448, 1, True, True), ("MSE", 256, 1, True, False),
+                                              (None, 448, 16, False, False)]:
+        columnwise = tile == 1
+        row, col, amax, deq = torch.ops.nvfp4.quantize(x, torch.empty(0, dtype=torch.int64, device=device), tile, True,
+                                                       columnwise, rht, False, {{None: 0, "MAE": 1, "MSE": 2}}[mode],
+                                                       bound, row_scaled, True)
+        opts = dict(four_over_six=mode, e4m3_max=bound, row_scaled=row_scaled)
+        ref = quantize_nvfp4(x, tile_rows=tile, **opts)
+        assert same(row, ref.values()), ("rowwise", dtype, mode, bound, tile, row_scaled)
+        assert same(deq, ref.dequantize().to(dtype)), ("dequantized", dtype, mode, bound, tile, row_scaled)
+        amaxes = [ref.amax.reshape(-1)]
+        if columnwise:
+            xt = x.t().contiguous()
+            ref_t = quantize_nvfp4(random_hadamard_transform(xt) if rht else xt, **opts)
+            assert same(col.t(), ref_t.values()), ("columnwise", dtype, mode, bound, row_scaled, rht)
+            amaxes.append(ref_t.amax.reshape(-1))
+        if row_scaled:
+            assert same(amax[:len(amaxes[0]) + (len(amaxes[1]) if columnwise else 0)], torch.cat(amaxes)), ("amax", rht)
+        else:
+            assert same(amax[0], amaxes[0][0]), ("amax", mode)
+        options += 1
+# 4over6 ties with different candidates: blocks [6, v, 0, ...] in a tensor of amax 6 give
+# map-to-6 v -> round(v) and map-to-4 v -> 1.5 round(v / 1.5), errors exact; for these v both
+# errors are equal and the values differ: TE keeps map-to-6
+tie = torch.zeros(7, 32, device=device)
+tie[:, 0] = 6.0
+tie[:, 1] = torch.tensor([0.625, 0.875, 1.25, 1.75, 2.125, 3.5, 4.25], device=device)
+for mode in (1, 2):
+    row, _, _, _ = torch.ops.nvfp4.quantize(tie, torch.empty(0, dtype=torch.int64, device=device), 1, True, False,
+                                            False, False, mode, 256, False, False)
+    expected = quantize_nvfp4(tie, four_over_six=("MAE", "MSE")[mode - 1], e4m3_max=256).values()
+    assert same(row, expected) and torch.equal(expected[:, 1].cpu(), torch.tensor([0.5, 1, 1, 2, 2, 4, 4]) * 256)
+print("options", options)
 
 # stochastic rounding from an in-kernel seed, for each copy (columnwise: of x^T, in x's
 # layout): only the two neighbours (the reference with all bits 0 or 255), the same seed gives
@@ -206,7 +265,8 @@ def run_check(device: str, check_gemm: bool, env=None):
     """Run CHECK in a fresh interpreter; every check printed its line, or it failed."""
     stdout = run_python(CHECK.format(repo=str(REPO), device=device, check_gemm=check_gemm), env)
     for line in ("bitwise 28", "transposed 32", "ties ok", "row tiles ok", "both copies ok", "op ok",
-                 "seeded sr ok False", "seeded sr ok True", "gemm 32" if check_gemm else "gemm skipped"):
+                 "seeded sr ok False", "seeded sr ok True", "options 18",
+                 "gemm 40" if check_gemm else "gemm skipped"):
         assert line in stdout, line
 
 
