@@ -135,6 +135,21 @@ class PrecisionConfig:
                                                     "disable_stochastic_rounding)", flag="--no-stochastic-rounding")
     disable_2d_quantization: bool = flag(False, "NVFP4: 1x16 blocks for weights too (TE disable_2d_quantization)",
                                          flag="--no-2d-weights")
+    row_scaled_activation: bool = flag(False, "NVFP4: one amax per row of the input's copies (TE "
+                                              "row_scaled_activation)")
+    nvfp4_4over6: str = flag("none", "NVFP4: these forward operands take, per block, the better of map-to-6 and "
+                                     "map-to-4 (Four Over Six, arXiv:2512.02010); activations and all need --no-rht "
+                                     "(TE nvfp4_4over6)", choices=nvfp4.formats.SCOPES)
+    nvfp4_4over6_e4m3_use_256: str = flag("all", "NVFP4: which 4over6 operands bound the global scale's E4M3 by 256, "
+                                                 "not 448 (TE nvfp4_4over6_e4m3_use_256)", choices=nvfp4.formats.SCOPES)
+    nvfp4_4over6_err_mode: str = flag("MAE", "NVFP4: the error 4over6 compares (TE nvfp4_4over6_err_mode)",
+                                      choices=nvfp4.formats.FOUR_OVER_SIX_ERR_MODES)
+    backward_override: Optional[str] = flag(None, "fp8/nvfp4: dgrad and wgrad unquantized, from the original "
+                                                  "operands or from the forward's dequantized copies (TE "
+                                                  "backward_override)", choices=["high_precision", "dequantized"])
+    high_precision_from: Optional[float] = flag(None, "fp8/nvfp4: from this fraction of the steps on, the linear "
+                                                      "layers run unquantized in the AMP dtype (0.9: the last 10%%; "
+                                                      "NVFP4 paper, arXiv:2509.25149, appendix D)", metavar="FRACTION")
     keep_high_precision: tuple = flag(("patch_embed", "decoder_pred"), "comma-separated layer-name patterns kept in "
                                       "BF16 under fp8/nvfp4 ('' keeps none); the NVFP4 recipe keeps the most "
                                       "sensitive first and last layers in high precision", metavar="PATTERNS")
@@ -233,7 +248,29 @@ class Command:
 
 # A resumed run must rebuild the same model on the same data.
 RESUME_CONFLICTS = ("preset", "img_size", "patch_size", "name", "dataset", "norm_pix_loss")
-NVFP4_ONLY = ("disable_rht", "disable_stochastic_rounding", "disable_2d_quantization", "fp4_stats")
+# PrecisionConfig's switches of one format: of NVFP4's recipe, of any quantized precision.
+NVFP4_ONLY = ("disable_rht", "disable_stochastic_rounding", "disable_2d_quantization", "row_scaled_activation",
+              "nvfp4_4over6", "nvfp4_4over6_e4m3_use_256", "nvfp4_4over6_err_mode", "fp4_stats")
+QUANTIZED_ONLY = ("backward_override", "high_precision_from")
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a config field."""
+    f = next(f for cls in SECTIONS.values() for f in fields(cls) if f.name == name)
+    return f.metadata.get("flag", "--" + name.replace("_", "-"))
+
+
+def listed(flags: list) -> str:
+    """'--a applies' or '--a, --b apply'."""
+    return f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'}"
+
+
+def switches_set(values, names) -> list:
+    """The flags among `names` whose PrecisionConfig value (values: a dict or the config) is not
+    the default."""
+    get = values.get if isinstance(values, dict) else lambda name: getattr(values, name)
+    defaults = {f.name: f.default for f in fields(PrecisionConfig)}
+    return [flag_of(name) for name in names if get(name) != defaults[name]]
 
 
 class UsageError(Exception):
@@ -309,18 +346,20 @@ def parse_config(argv=None) -> tuple:
     if not names or not all(n in nvfp4.PRECISIONS for n in names) or len(set(names)) < len(names):
         raise UsageError(f"--compare takes a comma-separated list of distinct precisions from "
                          f"{', '.join(nvfp4.PRECISIONS)}, got {command.compare!r}")
-    if "nvfp4" not in names and any(ns[key] for key in NVFP4_ONLY):
-        raise UsageError("--no-rht, --no-stochastic-rounding, --no-2d-weights and --fp4-stats apply to nvfp4, "
-                         "which --compare does not list")
+    if "nvfp4" not in names and switches_set(ns, NVFP4_ONLY):
+        raise UsageError(f"{listed(switches_set(ns, NVFP4_ONLY))} to nvfp4, which --compare does not list")
     variants = tuple(validate(resolve_config(variant_flags(ns, name), name, device)) for name in names)
     return dataclasses.replace(command, variants=variants), variants[0]
 
 
 def variant_flags(ns: dict, name: str) -> dict:
     """The flags of one --compare precision: bf16 always runs under AMP and fp32 without (as
-    their own defaults), and the NVFP4 switches apply to nvfp4 alone."""
+    their own defaults), the NVFP4 switches apply to nvfp4 alone, the quantized ones to fp8 and
+    nvfp4."""
+    defaults = {f.name: f.default for f in fields(PrecisionConfig)}
+    reset = (() if name == "nvfp4" else NVFP4_ONLY) + (QUANTIZED_ONLY if name in ("bf16", "fp32") else ())
     ns = dict(ns, amp=None) if name in ("bf16", "fp32") else ns
-    return ns if name == "nvfp4" else dict(ns, **dict.fromkeys(NVFP4_ONLY, False))
+    return dict(ns, **{key: defaults[key] for key in reset})
 
 
 def resolve_config(ns: dict, name: Optional[str], device: torch.device) -> Config:
@@ -363,9 +402,15 @@ def validate(config: Config) -> Config:
          "--log-every, --save-every, --keep-last and --max-bad-steps must be positive"),
         (p.name != "bf16" or p.amp, "--precision bf16 runs under AMP; drop --no-amp or use --precision fp32"),
         (p.name != "fp32" or not p.amp, "--precision fp32 runs without AMP; drop --amp or use --precision bf16"),
-        (not p.fp4_stats or p.name == "nvfp4", "--fp4-stats needs --precision nvfp4"),
-        (not (p.disable_rht or p.disable_stochastic_rounding or p.disable_2d_quantization) or p.name == "nvfp4",
-         "--no-rht, --no-stochastic-rounding and --no-2d-weights apply to --precision nvfp4"),
+        (not switches_set(p, NVFP4_ONLY) or p.name == "nvfp4",
+         f"{listed(switches_set(p, NVFP4_ONLY))} to --precision nvfp4 only"),
+        (not switches_set(p, QUANTIZED_ONLY) or p.name in ("fp8", "nvfp4"),
+         f"{listed(switches_set(p, QUANTIZED_ONLY))} to --precision fp8 and nvfp4 only"),
+        (p.high_precision_from is None or 0 < p.high_precision_from < 1,
+         f"--high-precision-from must be in (0, 1), got {p.high_precision_from}"),
+        (not (p.nvfp4_4over6 in ("activations", "all") and not p.disable_rht),
+         f"--nvfp4-4over6 {p.nvfp4_4over6} needs --no-rht: the input's quantizer applies RHT, and TE 2.20 has no "
+         f"RHT + 4over6 quantization"),
         (0 <= r.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {r.seed}"),
         (not r.use_wandb or importlib.util.find_spec("wandb") is not None,
          "--use-wandb: wandb is not installed (pip install wandb), or drop --use-wandb"),
@@ -862,8 +907,11 @@ def check_mask(mask: torch.Tensor, batch: int, num_patches: int, num_masked: int
 def resolve_precision(config: Config, device: torch.device) -> nvfp4.Precision:
     """The run's nvfp4.Precision: recipe, backend (and why), autocast dtype."""
     p = config.precision
-    recipe = nvfp4.NVFP4Recipe(disable_rht=p.disable_rht, disable_stochastic_rounding=p.disable_stochastic_rounding,
-                               disable_2d_quantization=p.disable_2d_quantization) if p.name == "nvfp4" else None
+    recipe = None
+    if p.name == "nvfp4":
+        recipe = nvfp4.NVFP4Recipe(**{f.name: getattr(p, f.name) for f in fields(nvfp4.NVFP4Recipe)})
+    elif p.name == "fp8":
+        recipe = nvfp4.FP8Recipe(backward_override=p.backward_override)
     try:
         return nvfp4.Precision.resolve(p.name, device, p.backend, p.amp, recipe, p.keep_high_precision)
     except nvfp4.BackendError as error:
@@ -1054,6 +1102,20 @@ class TrainStep:
         self.graph.replay()
         return self.static_outputs
 
+    @property
+    def unquantized(self) -> bool:
+        """Whether a precision schedule switched this step's quantized layers to high precision."""
+        return self.precision.recipe is None and self.precision.name in ("fp8", "nvfp4")
+
+    def to_high_precision(self):
+        """The precision schedule's switch (--high-precision-from): the linear layers run unquantized
+        (in the AMP dtype) from the next step on; parameters, optimizer state and data order stay.
+        A compiled model recompiles once (the layers' recipe is an attribute its guards read), and
+        a captured step is captured again."""
+        nvfp4.linear.drop_quantization(self.model)
+        self.precision = self.precision.unquantized()
+        self.graph, self.warm_steps, self.static_inputs, self.static_outputs = None, 0, None, None
+
     def _set_lr(self, lr: float):
         for group in self.optimizer.param_groups:
             if not self.graphed:
@@ -1178,6 +1240,10 @@ class TrainingLoop:
                         "backend": self.train_step.precision.backend_name}
         self.fp4_rows = {}
         self._announce(resume_changes, ckpt is not None)
+        f = config.precision.high_precision_from  # the last step in the run's precision
+        self.high_precision_step = None if f is None else math.floor(f * config.optim.epochs * len(self.loader))
+        if self.high_precision_step is not None and self.progress.step > self.high_precision_step:
+            self._switch_precision(resumed=True)
 
     def _restore(self, ckpt):
         t = self.train_step
@@ -1249,6 +1315,8 @@ class TrainingLoop:
         bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{o.epochs}", disable=self.rank != 0,
                    dynamic_ncols=True, leave=False)
         for b, (imgs, noise) in enumerate(self.loader.epoch(epoch, first), start=first):
+            if p.step == self.high_precision_step and not self.train_step.unquantized:
+                self._switch_precision()
             loss, grad_norm, bad, mask = self.train_step(imgs, noise, lr_at(p.step, steps, o), p.step + 1)
             p.step += 1
             p.add(loss, bad)
@@ -1270,6 +1338,20 @@ class TrainingLoop:
                 self._interrupt(stop.signal, epoch, b + 1)
         bar.close()
         self._log_epoch(epoch, seen, time.perf_counter() - t0)
+
+    def _switch_precision(self, resumed=False):
+        """--high-precision-from: the steps after high_precision_step run unquantized; logged, and
+        in metrics.jsonl as a record of the first such step (written once: a resumed run past it
+        finds it there)."""
+        self.train_step.to_high_precision()
+        amp = self.train_step.precision.amp_dtype
+        dtype = str(amp).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16") if amp else "fp32"
+        first, total = self.high_precision_step + 1, self.config.optim.epochs * len(self.loader)
+        self.log.print(f"[precision] steps {first}-{total}: linear layers unquantized in {dtype} "
+                       f"(--high-precision-from {self.config.precision.high_precision_from:g})")
+        if not resumed:
+            self.log.metrics({"type": "precision", "step": first, "gemm": dtype})
+        self.summary["high_precision_from_step"] = first
 
     def _report_warmup(self):
         if self.config.run.compile:
@@ -1427,11 +1509,13 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
 
 
 def save_checkpoint(train_step: TrainStep, config: Config, run_dir: Path, progress: dict) -> Path:
-    """model, optimizer, scaler, loss guard, progress (epoch, batch, step, running sums), config, RNG."""
+    """model, optimizer, scaler, loss guard, progress (epoch, batch, step, running sums), config, RNG,
+    and whether the precision schedule has switched the linear layers to high precision."""
     t = train_step
     state = {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
              "scaler": t.scaler.state_dict() if t.scaler else None, "guard": t.guard.state_dict(),
-             "progress": progress, "config": asdict(config), "rng": rng_state(t.device)}
+             "progress": progress, "config": asdict(config), "rng": rng_state(t.device),
+             "unquantized": t.unquantized}
     path = run_dir / f"checkpoint_step{progress['step']:08d}.pt"
     try:
         atomic_save(state, path)
@@ -1735,6 +1819,9 @@ def run_eval(path: str, cli: Config, explicit) -> dict:
     device = torch.device(config.run.device)
     model, precision = build_model(config, device, config.optim.batch_size)
     load_model_state(model, ckpt["model"], str(path))
+    if ckpt.get("unquantized"):  # trained to the end in high precision (--high-precision-from)
+        nvfp4.linear.drop_quantization(model)
+        precision = precision.unquantized()
     results = evaluate(model, precision, config, load_images(config, train=True), load_images(config, train=False))
     results["checkpoint"], results["step"] = str(path), ckpt["progress"]["step"]
     out = path.with_name(f"eval_{path.stem}.json")

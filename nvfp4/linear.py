@@ -293,6 +293,17 @@ class LayerNormMLP(nn.Module):
         return quantized_linear(h, self.fc2_weight, self.fc2_bias, self.recipe, self.fc2_name)
 
 
+def drop_quantization(model: nn.Module) -> int:
+    """Run the quantized modules of `model` in high precision from now on (a precision schedule's
+    switch): their recipe becomes None, so their GEMMs are F.linear's. Returns how many switched."""
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, (Linear, LayerNormLinear, LayerNormMLP)) and module.recipe is not None:
+            module.recipe = None
+            switched += 1
+    return switched
+
+
 class LayerFactory:
     """Builds every linear layer of the model, so that backends swap without model changes.
 

@@ -1,7 +1,7 @@
 """A run's numerics in one object: the GEMM format of its linear layers, the backend that runs
 it (Transformer Engine or the emulation) and why, and the autocast dtype of its activations."""
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -52,6 +52,12 @@ class Precision:
     def layers(self) -> LayerFactory:
         """The factory of the model's linear layers in this precision."""
         return LayerFactory(self.recipe, self.keep_high_precision, self.backend)
+
+    def unquantized(self) -> "Precision":
+        """This precision after a precision schedule's switch to high precision: no recipe, so no
+        TE autocast (TE's modules then run in the AMP dtype, as the emulated ones do once
+        nvfp4.linear.drop_quantization cleared theirs)."""
+        return replace(self, recipe=None)
 
     @contextmanager
     def autocast(self):

@@ -3,6 +3,7 @@
 TE's NVFP4 GEMMs need compute capability >= 10.0 (Blackwell), its FP8 GEMMs >= 8.9 (Ada,
 Hopper). Everywhere else the emulation in `nvfp4.linear` runs the same recipe in PyTorch.
 """
+from dataclasses import fields
 from functools import lru_cache
 
 import torch
@@ -61,12 +62,10 @@ def te_recipe(recipe):
     """TE's recipe object for our NVFP4Recipe / FP8Recipe (frozen, so hashable), built once: the
     train step enters TE's autocast every step."""
     from transformer_engine.common.recipe import Float8CurrentScaling, Format, NVFP4BlockScaling
-    if isinstance(recipe, NVFP4Recipe):
-        return NVFP4BlockScaling(disable_rht=recipe.disable_rht,
-                                 disable_stochastic_rounding=recipe.disable_stochastic_rounding,
-                                 disable_2d_quantization=recipe.disable_2d_quantization)
+    if isinstance(recipe, NVFP4Recipe):  # the same fields under the same names
+        return NVFP4BlockScaling(**{f.name: getattr(recipe, f.name) for f in fields(recipe)})
     if isinstance(recipe, FP8Recipe):
-        return Float8CurrentScaling(fp8_format=Format.HYBRID)
+        return Float8CurrentScaling(fp8_format=Format.HYBRID, backward_override=recipe.backward_override)
     raise ValueError(f"no TE recipe for {recipe!r}")
 
 

@@ -68,3 +68,32 @@ def te_reference():
             del sys.modules[name]
         sys.modules.update({k: v for k, v in saved.items() if v is not None})
     return types.SimpleNamespace(**modules)
+
+
+@pytest.fixture(scope="session")
+def te_recipes():
+    """TE 2.20's `transformer_engine.common.recipe` module (its recipe dataclasses, fields and
+    defaults), loaded from the wheel's file with the standard dataclass standing in for
+    pydantic's; or skip with the reason."""
+    path = TE_REFERENCE_DIR / "transformer_engine" / "common" / "recipe" / "__init__.py"
+    if not path.exists():
+        pytest.skip(f"TE's common/recipe/__init__.py not found under {TE_REFERENCE_DIR} "
+                    "(bash .ci/run unpacks it from the transformer-engine-cu13 wheel)")
+    import dataclasses
+    pydantic = types.ModuleType("pydantic")
+    pydantic.dataclasses = types.ModuleType("pydantic.dataclasses")
+    pydantic.dataclasses.dataclass = dataclasses.dataclass
+    saved = {name: sys.modules.get(name) for name in ("pydantic", "pydantic.dataclasses")}
+    sys.modules.update({"pydantic": pydantic, "pydantic.dataclasses": pydantic.dataclasses})
+    try:
+        spec = importlib.util.spec_from_file_location("te_common_recipe", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["te_common_recipe"] = module  # dataclasses resolves string annotations there
+        spec.loader.exec_module(module)
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+    return module

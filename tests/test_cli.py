@@ -265,7 +265,13 @@ BAD = {
     "amp both": (["--amp", "--no-amp"], "not allowed with argument"),
     "cuda absent": (["--device", "cuda"], "CUDA is not available"),
     "bf16 without amp": (["--precision", "bf16", "--no-amp"], "--precision bf16 runs under AMP"),
-    "fp4 stats": (["--fp4-stats"], "--fp4-stats needs --precision nvfp4"),
+    "fp4 stats": (["--fp4-stats"], "--fp4-stats applies to --precision nvfp4 only"),
+    "nvfp4 switches on fp8": (["--precision", "fp8", "--row-scaled-activation", "--nvfp4-4over6", "weights"],
+                              "--row-scaled-activation, --nvfp4-4over6 apply to --precision nvfp4 only"),
+    "4over6 with rht": (["--precision", "nvfp4", "--nvfp4-4over6", "all"], "--nvfp4-4over6 all needs --no-rht"),
+    "schedule on bf16": (["--high-precision-from", "0.9"], "--high-precision-from applies to --precision fp8 and nvfp4"),
+    "schedule range": (["--precision", "fp8", "--high-precision-from", "1"], "--high-precision-from must be in (0, 1)"),
+    "override choice": (["--precision", "fp8", "--backward-override", "fp16"], "invalid choice"),
     "backend te on cpu": (["--precision", "nvfp4", "--backend", "te", "--dataset", "fake"], "--backend te"),
     "nvfp4 shapes": (["--precision", "nvfp4", "--batch-size", "8", "--dataset", "fake"], "tokens per step M = 136"),
     "compare list": (["--compare", "bf16,int8"], "--compare takes"),
@@ -348,6 +354,15 @@ def test_compare_variants_resolve_their_own_amp_and_switches():
     assert (fp32.precision.amp, bf16.precision.amp, fp4.precision.amp) == (False, True, False)
     assert fp4.precision.disable_rht and fp4.precision.fp4_stats
     assert not (bf16.precision.disable_rht or bf16.precision.fp4_stats)
+    command, _ = asmae_minimal.parse_config(["--device", "cpu", "--compare", "bf16,fp8,nvfp4", "--no-rht",
+                                             "--nvfp4-4over6", "all", "--high-precision-from", "0.9",
+                                             "--backward-override", "dequantized"])
+    bf16, fp8, fp4 = (v.precision for v in command.variants)
+    assert (fp4.nvfp4_4over6, fp8.nvfp4_4over6, bf16.nvfp4_4over6) == ("all", "none", "none")
+    assert (fp4.high_precision_from, fp8.high_precision_from, bf16.high_precision_from) == (0.9, 0.9, None)
+    assert (fp8.backward_override, bf16.backward_override) == ("dequantized", None)
+    recipe = asmae_minimal.resolve_precision(command.variants[2], torch.device("cpu")).recipe
+    assert (recipe.nvfp4_4over6, recipe.disable_rht, recipe.backward_override) == ("all", True, "dequantized")
 
 
 def test_resume_config_applies_given_flags_and_refuses_conflicts():

@@ -26,6 +26,26 @@ def test_each_precision_trains_on_gpu(tmp_path, precision, compile_flag):
 
 
 @requires_cuda
+@pytest.mark.parametrize("recipe", [["--nvfp4-4over6", "all", "--no-rht"], ["--row-scaled-activation"],
+                                    ["--backward-override", "dequantized"], ["--high-precision-from", "0.5"]],
+                         ids=lambda r: r[0])
+def test_recipe_options_train_compiled_on_gpu(tmp_path, recipe):
+    """The recipe switches and the precision schedule in the compiled, CUDA-graphed step (the
+    schedule recompiles and captures the step again halfway)."""
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=48)
+    summary = asmae_minimal.main(["--dataset", "folder", "--data-root", str(data), "--model", "tiny",
+                                  "--precision", "nvfp4", "--compile", "--amp", *recipe, "--batch-size", "32",
+                                  "--epochs", "4", "--log-every", "1", "--out-dir", str(tmp_path / "runs"),
+                                  "--run-name", "smoke"])
+    lines = [json.loads(l) for l in (tmp_path / "runs" / "smoke" / "metrics.jsonl").read_text().splitlines()]
+    losses = [l["loss"] for l in lines if l["type"] == "step"]
+    assert len(losses) == 8 and all(0 < loss < 10 for loss in losses)
+    if "--high-precision-from" in recipe:
+        assert summary["high_precision_from_step"] == 5
+        assert [l for l in lines if l["type"] == "precision"] == [{"type": "precision", "step": 5, "gemm": "bf16"}]
+
+
+@requires_cuda
 def test_whole_step_cuda_graph_trains_as_the_ungraphed_step():
     """Warm-up, capture and replays of the graphed step give the losses and weights of the same
     compiled step run without a graph, with a learning rate that changes every step (the graph

@@ -203,7 +203,8 @@ def test_cuda_compiled_operands_are_bitwise_eager():
     x[0, :16] = 0
 
     def operands(x):
-        return [*_quantize(RN, "x", x, "probe", columnwise=True), _quantize(RN, "w", x, "probe")[0]]
+        row, col, _ = _quantize(RN, "x", x, "probe", columnwise=True)
+        return [row[:2], col[:2], _quantize(RN, "w", x, "probe")[0][:2]]
 
     for (eager, eager_amax), (compiled, compiled_amax) in zip(operands(x), torch.compile(operands)(x)):
         assert torch.equal(eager.view(torch.int16), compiled.view(torch.int16))
@@ -222,3 +223,32 @@ def test_cuda_linear_matches_cpu_and_compiles():
     xx = x.cuda().requires_grad_()
     compiled(xx, w.cuda().requires_grad_(), b.cuda()).backward(dy.cuda())
     assert torch.isfinite(xx.grad).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("recipe", [
+    NVFP4Recipe(nvfp4_4over6="all", disable_rht=True, disable_stochastic_rounding=True),
+    NVFP4Recipe(nvfp4_4over6="weights", nvfp4_4over6_err_mode="MSE", disable_stochastic_rounding=True),
+    NVFP4Recipe(nvfp4_4over6="all", disable_rht=True, disable_2d_quantization=True,
+                nvfp4_4over6_e4m3_use_256="activations", disable_stochastic_rounding=True),
+    NVFP4Recipe(row_scaled_activation=True, disable_stochastic_rounding=True),
+    NVFP4Recipe(row_scaled_activation=True, nvfp4_4over6="activations", disable_rht=True,
+                disable_stochastic_rounding=True),
+    NVFP4Recipe(backward_override="dequantized"), NVFP4Recipe(backward_override="high_precision"),
+    FP8Recipe(backward_override="dequantized")], ids=lambda r: repr(r)[:60])
+def test_cuda_recipe_options_match_cpu_and_compile(recipe):
+    """Every recipe option through the Triton kernels (4over6, 256 bound, row-scaled amaxes and
+    the fused GEMM's per-row alpha, the dequantized copy) gives the CPU reference's GEMMs, up to
+    fp32 summation order; and compiles."""
+    torch._dynamo.reset()
+    x, w, b, dy = inputs(m=256, k=128, n=64)
+    cpu = run_linear(recipe, x, w, b, dy)
+    gpu = run_linear(recipe, *(t.cuda() for t in (x, w, b, dy)))
+    for c, g in zip(cpu, gpu):
+        torch.testing.assert_close(c, g.cpu(), rtol=1e-5, atol=1e-6)
+    compiled = torch.compile(lambda x, w, b: quantized_linear(x, w, b, recipe))
+    xx, ww = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+    y = compiled(xx, ww, b.cuda())
+    y.backward(dy.cuda())
+    torch.testing.assert_close(y.detach().cpu(), cpu[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ww.grad.cpu(), cpu[2], rtol=1e-5, atol=1e-6)

@@ -208,3 +208,40 @@ def test_run_folders_never_collide(tmp_path, images, capsys):
     run(tmp_path, images, "--epochs", "1", run_name=None)
     run(tmp_path, images, "--epochs", "1", run_name=None)
     assert len([p for p in (tmp_path / "runs").iterdir() if p.name.startswith("folder-tiny")]) == 2
+
+
+def test_high_precision_from_switches_once_and_resumes_across_the_switch(tmp_path, images, monkeypatch, capsys):
+    """--high-precision-from 0.5 over 8 steps: steps 1-4 quantized, 5-8 not; the first 4 steps are
+    those of the plain nvfp4 run; the switch is logged and recorded once; a run stopped before or
+    after the switch resumes to the same weights and metrics."""
+    real_step, seen = asmae_minimal.TrainStep.__call__, []
+
+    def step(self, *args):
+        seen.append(self.unquantized)
+        return real_step(self, *args)
+    monkeypatch.setattr(asmae_minimal.TrainStep, "__call__", step)
+    common = ("--precision", "nvfp4", "--epochs", "2", "--save-every", "1", "--keep-last", "2")
+    run(tmp_path, images, *common, run_name="plain")
+    seen.clear()
+    _, straight = run(tmp_path, images, *common, "--high-precision-from", "0.5", run_name="straight")
+    assert seen == [False] * 4 + [True] * 4
+    assert "[precision] steps 5-8: linear layers unquantized in fp32 (--high-precision-from 0.5)" in capsys.readouterr().out
+    records = [r for r in metrics(straight) if r["type"] == "precision"]
+    assert records == [{"type": "precision", "step": 5, "gemm": "fp32"}]
+    plain_epoch1 = torch.load(tmp_path / "runs" / "plain" / "checkpoint_step00000004.pt", weights_only=True)
+    switched_epoch1 = torch.load(straight / "checkpoint_step00000004.pt", weights_only=True)
+    assert all(torch.equal(plain_epoch1["model"][k], switched_epoch1["model"][k]) for k in plain_epoch1["model"])
+    assert not switched_epoch1["unquantized"] and torch.load(straight / "checkpoint_step00000008.pt",
+                                                             weights_only=True)["unquantized"]
+    plain, switched = final_weights(tmp_path / "runs" / "plain"), final_weights(straight)
+    assert not torch.equal(plain["blocks.0.mlp.fc1_weight"], switched["blocks.0.mlp.fc1_weight"])  # 5-8 differ
+    for stop_at in (4, 6):
+        with monkeypatch.context() as patch:
+            stop_after(patch, stop_at)
+            with pytest.raises(SystemExit):
+                run(tmp_path, images, *common, "--high-precision-from", "0.5", run_name=f"stopped{stop_at}")
+        stopped = tmp_path / "runs" / f"stopped{stop_at}"
+        cli(tmp_path, "--resume", str(stopped), run_name=None)
+        a, b = final_weights(straight), final_weights(stopped)
+        assert all(torch.equal(a[k], b[k]) for k in a), stop_at
+        assert metrics(stopped) == metrics(straight), stop_at

@@ -161,3 +161,167 @@ def test_quantizer_argument_checks():
     with pytest.raises(ValueError, match="row_scaled needs 1x16"):
         quantize_nvfp4(x, tile_rows=16, row_scaled=True)
     assert quantize_nvfp4(x, four_over_six="mse").codes.shape == x.shape  # TE upper-cases the mode
+
+
+# ---- The linear layer's three GEMMs against TE's reference qgemm ------------------------------
+
+def te_quantizer_for(te_reference, spec):
+    """TE's reference quantizer for one of our NVFP4Quantizer specs (rounding to nearest: TE's
+    Python reference has no stochastic rounding)."""
+    return te_quantizer(te_reference, spec.tile_rows, spec.rht, spec.four_over_six, spec.e4m3_max, spec.row_scaled)
+
+
+def run_layer(recipe, x, w, b, dy):
+    from nvfp4 import quantized_linear
+    x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+    y = quantized_linear(x, w, b, recipe)
+    y.backward(dy)
+    return y.detach(), x.grad, w.grad, b.grad
+
+
+def layer_inputs(dtype, m=96, k=64, n=32, seed=0):  # K of each GEMM % 32, as TE's qgemm asks
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-1, 1, k)
+    return (x.to(dtype), torch.randn(n, k, generator=g) * 0.1, torch.randn(n, generator=g),
+            (torch.randn(m, n, generator=g) * 1e-3).to(dtype))
+
+
+RECIPES = {
+    "default": NVFP4Recipe(disable_stochastic_rounding=True),
+    "no-rht": NVFP4Recipe(disable_rht=True, disable_stochastic_rounding=True),
+    "no-2d": NVFP4Recipe(disable_2d_quantization=True, disable_stochastic_rounding=True),
+    "row-scaled": NVFP4Recipe(row_scaled_activation=True, disable_stochastic_rounding=True),
+    "4over6-weights": NVFP4Recipe(nvfp4_4over6="weights", disable_stochastic_rounding=True),
+    "4over6-all-MSE": NVFP4Recipe(nvfp4_4over6="all", nvfp4_4over6_err_mode="MSE", disable_rht=True,
+                                  disable_stochastic_rounding=True),
+    "4over6-all-448": NVFP4Recipe(nvfp4_4over6="all", nvfp4_4over6_e4m3_use_256="none", disable_rht=True,
+                                  disable_stochastic_rounding=True, disable_2d_quantization=True),
+    "4over6-act-row-scaled": NVFP4Recipe(nvfp4_4over6="activations", nvfp4_4over6_e4m3_use_256="activations",
+                                         row_scaled_activation=True, disable_rht=True,
+                                         disable_stochastic_rounding=True),
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_gemms_against_te(te_reference, name, dtype):
+    """fprop, dgrad and wgrad of our layer equal TE's reference qgemm on TE's quantized operands
+    (the GEMM epilogue with per-row amaxes, and the 256 bound's alpha, included), up to the fp32
+    summation order; the bias is added in the output dtype."""
+    gemm = te_reference.gemm
+    recipe = RECIPES[name]
+    x, w, b, dy = layer_inputs(dtype)
+    y, dx, dw, db = run_layer(recipe, x, w, b, dy)
+    quantizers = {kind: te_quantizer_for(te_reference, recipe.quantizer(kind)) for kind in ("x", "w", "dy")}
+    qx, qw, qdy = quantizers["x"].quantize(x), quantizers["w"].quantize(w), quantizers["dy"].quantize(dy)
+
+    def te_gemm(a, b_, sa, sb, kind, qa, qb, out_dtype):
+        return quantizers["x"].qgemm(a, b_, gemm.MMParams(out_dtype=out_dtype), out_dtype, sa, sb,
+                                     gemm_type=kind, qresult_x=qa, qresult_w=qb)
+
+    te_y = te_gemm(qx.data, qw.data, qx.scale, qw.scale, gemm.GEMMType.FPROP, qx, qw, torch.float32)
+    te_dx = te_gemm(qdy.data, qw.data_t, qdy.scale, qw.scale_t, gemm.GEMMType.DGRAD, qdy, qw, dtype)
+    te_dw = te_gemm(qdy.data_t, qx.data_t, qdy.scale_t, qx.scale_t, gemm.GEMMType.WGRAD, qdy, qx, dtype)
+    tolerance = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(y, (te_y + b.to(dtype)).to(dtype), **tolerance)
+    torch.testing.assert_close(dx, te_dx, **tolerance)
+    torch.testing.assert_close(dw, te_dw.float(), **tolerance)  # TE writes wgrad in the activation dtype
+    torch.testing.assert_close(db, dy.float().sum(0))
+
+
+def te_dequantize(te_reference, q, rows, cols, rowwise=True):
+    """TE's dequantize kernel on TE's reference bytes: code * ((scale * amax) * (1 / (6 * e4m3_max)))."""
+    data, scale, amax = (q.data, q.scale, q.global_amax_row) if rowwise else (q.data_t, q.scale_t, q.global_amax_col)
+    codes = te_reference.reference_nvfp4.cast_from_fp4x2(data, torch.float32)[:rows, :cols]
+    amax = amax.reshape(-1, 1) if amax.numel() > 1 else amax
+    factor = (scale.to(torch.float32)[:rows] * amax) * torch.tensor(1.0 / (6 * q.nvfp4_e4m3_max))
+    return codes * factor.repeat_interleave(16, dim=1)[:, :cols]
+
+
+@pytest.mark.parametrize("name", ["default", "row-scaled", "4over6-all-MSE"])
+@pytest.mark.parametrize("override", ["high_precision", "dequantized"])
+def test_backward_override_against_te(te_reference, name, override):
+    """TE's backward_override: the forward GEMM as without it; dgrad and wgrad unquantized, from x
+    and W (high_precision) or from the forward's rowwise copies, dequantized (dequantized)."""
+    from dataclasses import replace
+    gemm = te_reference.gemm
+    recipe = replace(RECIPES[name], backward_override=override)
+    x, w, b, dy = layer_inputs(torch.float32)
+    y, dx, dw, _ = run_layer(recipe, x, w, b, dy)
+    y_plain, *_ = run_layer(RECIPES[name], x, w, b, dy)
+    assert torch.equal(y, y_plain)
+    if override == "high_precision":
+        x_used, w_used = x, w
+    else:
+        qx = te_quantizer_for(te_reference, recipe.quantizer("x")).quantize(x)
+        qw = te_quantizer_for(te_reference, recipe.quantizer("w")).quantize(w)
+        x_used, w_used = te_dequantize(te_reference, qx, *x.shape), te_dequantize(te_reference, qw, *w.shape)
+        assert not torch.equal(x_used, x)
+    torch.testing.assert_close(dx.double(), dy.double() @ w_used.double(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dw.double(), dy.double().t() @ x_used.double(), rtol=1e-5, atol=1e-7)
+    assert gemm.GEMMType.WGRAD  # the reference GEMM module loaded (its types name the GEMMs above)
+
+
+def test_fp8_backward_override():
+    from nvfp4.formats import FP8Recipe, quantize_fp8
+    x, w, b, dy = layer_inputs(torch.float32)
+    _, dx, dw, _ = run_layer(FP8Recipe(backward_override="dequantized"), x, w, b, dy)
+    qx, qw = quantize_fp8(x, torch.float8_e4m3fn), quantize_fp8(w, torch.float8_e4m3fn)
+    torch.testing.assert_close(dx, dy @ (qw.values * qw.scale_inv), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dw, dy.t() @ (qx.values * qx.scale_inv), rtol=1e-5, atol=1e-7)
+    _, dx, dw, _ = run_layer(FP8Recipe(backward_override="high_precision"), x, w, b, dy)
+    torch.testing.assert_close(dx, dy @ w, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dw, dy.t() @ x, rtol=1e-5, atol=1e-7)
+
+
+# ---- The recipe against TE's recipe class ------------------------------------------------------
+
+TE_ONLY_FIELDS = {"fp4_format", "fp8_format", "fp8_dpa", "fp8_mha"}  # fixed formats; attention is not quantized
+
+
+def test_recipe_has_every_te_field_with_te_defaults(te_recipes):
+    from dataclasses import fields
+    from nvfp4.formats import FP8Recipe
+    te_fields = {f.name: f.default for f in fields(te_recipes.NVFP4BlockScaling)}
+    ours = {f.name: f.default for f in fields(NVFP4Recipe)}
+    assert set(te_fields) - TE_ONLY_FIELDS == set(ours), "NVFP4BlockScaling's fields changed"
+    for name, default in ours.items():  # TE's defaults come from env vars: unset here
+        assert te_fields[name] == default, name
+    assert {f.name for f in fields(FP8Recipe)} <= {f.name for f in fields(te_recipes.Float8CurrentScaling)}
+    from nvfp4.formats import BACKWARD_OVERRIDES, FOUR_OVER_SIX_ERR_MODES, SCOPES
+    assert (SCOPES, FOUR_OVER_SIX_ERR_MODES, BACKWARD_OVERRIDES) == (
+        te_recipes._NVFP4_4OVER6_SCOPES, te_recipes._NVFP4_4OVER6_ERR_MODES, te_recipes._BACKWARD_OVERRIDES)
+
+
+def test_te_backend_builds_te_recipe_from_ours(te_recipes, monkeypatch):
+    """te_backend.te_recipe passes every field under its name; TE's own checks accept it, and its
+    QParams say what our quantizers do (RHT, stochastic rounding, 2D weights)."""
+    import sys
+    import types
+    from nvfp4 import te_backend
+    from nvfp4.formats import FP8Recipe
+    package = types.ModuleType("transformer_engine.common")
+    package.recipe = te_recipes
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setitem(sys.modules, "transformer_engine.common", package)
+    monkeypatch.setitem(sys.modules, "transformer_engine.common.recipe", te_recipes)
+    te_backend.te_recipe.cache_clear()
+    try:
+        ours = NVFP4Recipe(disable_rht=True, disable_2d_quantization=True, row_scaled_activation=True,
+                           nvfp4_4over6="all", nvfp4_4over6_e4m3_use_256="weights", nvfp4_4over6_err_mode="MSE",
+                           backward_override="dequantized")
+        te = te_backend.te_recipe(ours)
+        assert isinstance(te, te_recipes.NVFP4BlockScaling)
+        for name in (f for f in vars(ours) if not f.startswith("_")):
+            assert getattr(te, name) == getattr(ours, name), name
+        assert not te.fp4_quant_fwd_inp.random_hadamard_transform and not te.fp4_quant_fwd_weight.fp4_2d_quantization
+        default = te_backend.te_recipe(NVFP4Recipe())
+        for kind, qparams in (("x", default.fp4_quant_fwd_inp), ("w", default.fp4_quant_fwd_weight),
+                              ("dy", default.fp4_quant_bwd_grad)):
+            spec = NVFP4Recipe().quantizer(kind)
+            assert (qparams.random_hadamard_transform, qparams.stochastic_rounding, qparams.fp4_2d_quantization) == (
+                spec.rht, spec.stochastic, spec.tile_rows == 16), kind
+        fp8 = te_backend.te_recipe(FP8Recipe(backward_override="high_precision"))
+        assert isinstance(fp8, te_recipes.Float8CurrentScaling) and fp8.backward_override == "high_precision"
+    finally:
+        te_backend.te_recipe.cache_clear()
