@@ -186,9 +186,13 @@ def global_encode_scale(amax: torch.Tensor, e4m3_max: int = 448) -> torch.Tensor
     return torch.where(scale == 0.0, torch.ones_like(scale), scale)
 
 
+# TE's dequantize constant 1 / (6 * e4m3_max), rounded to fp32; computed once (no .item() in a graph)
+DEQUANT_FACTORS = {m: torch.tensor(1.0 / (E2M1_MAX * m), dtype=torch.float32).item() for m in E4M3_MAXES}
+
+
 def dequant_factor(e4m3_max: int = 448) -> float:
     """TE's dequantize constant 1 / (6 * e4m3_max), rounded to fp32."""
-    return torch.tensor(1.0 / (E2M1_MAX * e4m3_max), dtype=torch.float32).item()
+    return DEQUANT_FACTORS[e4m3_max]
 
 
 def dequant_scale(scales: torch.Tensor, amax: torch.Tensor, e4m3_max: int = 448) -> torch.Tensor:
@@ -340,7 +344,8 @@ def _four_over_six(blocks, block_amax, amax, g_enc, g_dec, err_mode: str, e4m3_m
     each candidate's error sums, element by element in order, |v - x| (MAE) or (v - x)^2 (MSE)
     of its dequantized values v = (code * scale * amax) / (6 * e4m3_max); 16x16 tiles add their
     16 rows' errors in TE's tree order; map-to-4 wins only where its error is smaller."""
-    base = torch.div(block_amax, E2M1_MAX) * g_enc
+    # a divisor tensor, as TE's: torch divides by a Python number through its reciprocal on CUDA
+    base = torch.div(block_amax, torch.tensor(E2M1_MAX, device=blocks.device)) * g_enc
     candidates = []
     for scale in (round_e4m3_scale(base * 1.5), round_e4m3_scale(base)):
         codes = round_e2m1(_scale_to_e2m1(blocks, scale, g_dec))

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .formats import RHT_SIGNS, alpha_denom, dequant_factor
+from .formats import E4M3_MAXES, RHT_SIGNS, alpha_denom, dequant_factor
 
 INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)  # as triton.jit reads it (TRITON_INTERPRET=1)
 
@@ -593,10 +593,19 @@ def _quantize_outputs(x: torch.Tensor, rowwise: bool, columnwise: bool, dequanti
     return *copies, torch.empty(x.shape if dequantized else 0, dtype=x.dtype, device=x.device)
 
 
-def nvfp4_alpha_scale(e4m3_max_a: int = 448, e4m3_max_b: int = 448) -> float:
-    """TE's alpha divides by 6 * 6 * e4m3_max_a * e4m3_max_b: on CUDA torch multiplies by the
-    divisor's fp32 reciprocal."""
+def _alpha_scale(e4m3_max_a: int, e4m3_max_b: int) -> float:
     return torch.tensor(1.0, dtype=torch.float32).div(alpha_denom(e4m3_max_a, e4m3_max_b)).item()
+
+
+# TE's alpha divides by 6 * 6 * e4m3_max_a * e4m3_max_b: on CUDA torch multiplies by the divisor's
+# fp32 reciprocal. Computed here, once: a compiled step reads constants (no .item() in its graph).
+ALPHA_SCALES = {(a, b): _alpha_scale(a, b) for a in E4M3_MAXES for b in E4M3_MAXES}
+
+
+def nvfp4_alpha_scale(e4m3_max_a: int = 448, e4m3_max_b: int = 448) -> float:
+    """The fp32 factor 1 / (6 * 6 * e4m3_max_a * e4m3_max_b) of the GEMM epilogue."""
+    return ALPHA_SCALES[(e4m3_max_a, e4m3_max_b)]
+
 
 MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_WARPS, MM_STAGES = 128, 128, 64, 4, 3  # the fastest tried on Hopper
 
