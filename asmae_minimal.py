@@ -20,6 +20,7 @@ The sections follow the data:
     main           distributed setup, dispatch, exit codes
 """
 import argparse
+import copy
 import dataclasses
 import errno
 import fnmatch
@@ -30,6 +31,7 @@ import math
 import netrc
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -230,11 +232,21 @@ class Command:
     resume: Optional[str] = flag(None, "continue from a checkpoint file or a run folder", metavar="PATH")
     eval: Optional[str] = flag(None, "evaluate a checkpoint (held-out loss, PSNR, linear probe, kNN) and exit",
                                metavar="CKPT")
-    compare: Optional[str] = flag(None, "train the same config in each of these precisions (e.g. bf16,fp8,nvfp4) "
-                                        "and write a report", metavar="PRECISIONS")
+    compare: Optional[str] = flag(None, "train the same config in each variant: a precision, then :switch or "
+                                        ":switch=value of the precision flags without -- (e.g. "
+                                        "bf16,nvfp4,nvfp4:no-rht,nvfp4:high-precision-from=0.9), and write a "
+                                        "report", metavar="VARIANTS")
+    seeds: Optional[str] = flag(None, "with --compare: train every variant with each of these seeds (e.g. 0,1,2; "
+                                      "default: --seed) and report mean, std and paired 95%% CIs", metavar="SEEDS")
+    finetune_epochs: Optional[int] = flag(None, "with --eval or --compare: fine-tune the encoder and a linear head on "
+                                                "the labelled training split for N epochs and report held-out top-1 "
+                                                "(default: 0 with --eval, 5 with --compare)", metavar="N")
+    finetune_precision: str = flag("bf16", "bf16: fine-tune with the linear layers unquantized (in the AMP dtype); "
+                                           "pretrain: in the pretraining precision", choices=["bf16", "pretrain"])
     benchmark: Optional[int] = flag(None, "time N steps after warm-up and exit", metavar="N")
     benchmark_synthetic: bool = flag(False, "with --benchmark: a fixed batch on the device, model and optimizer only")
-    variants: tuple = ()  # --compare: one validated Config per precision
+    variants: tuple = ()  # --compare: one Variant (label, validated Config) each
+    sweep_seeds: tuple = ()  # --compare: the seeds of --seeds (or --seed)
     explicit: frozenset = frozenset()  # the dests given on the command line (a resumed run applies these)
 
     @property
@@ -246,6 +258,7 @@ class Command:
         return [m for m in ("eval", "benchmark", "compare", "resume") if getattr(self, m) is not None]
 
 
+COMPARE_FINETUNE_EPOCHS = 5  # --compare's default fine-tuning evaluation (where the data has labels)
 # A resumed run must rebuild the same model on the same data.
 RESUME_CONFLICTS = ("preset", "img_size", "patch_size", "name", "dataset", "norm_pix_loss")
 # PrecisionConfig's switches of one format: of NVFP4's recipe, of any quantized precision.
@@ -337,19 +350,77 @@ def parse_config(argv=None) -> tuple:
         raise UsageError(f"--benchmark must be positive, got {command.benchmark}")
     if command.benchmark_synthetic and command.benchmark is None:
         raise UsageError("--benchmark-synthetic needs --benchmark N")
+    if command.seeds is not None and command.compare is None:
+        raise UsageError("--seeds needs --compare (a single run takes --seed)")
+    finetune_given = {"finetune_epochs", "finetune_precision"} & explicit
+    if finetune_given and command.mode not in ("eval", "compare"):
+        raise UsageError(f"--{sorted(finetune_given)[0].replace('_', '-')} goes with --eval or --compare")
+    if command.finetune_epochs is not None and command.finetune_epochs < 0:
+        raise UsageError(f"--finetune-epochs must be >= 0, got {command.finetune_epochs}")
+    if command.finetune_epochs is None:
+        command = dataclasses.replace(command, finetune_epochs=COMPARE_FINETUNE_EPOCHS if command.mode == "compare" else 0)
     device = resolve_device(ns["device"])
     if command.mode in ("resume", "eval"):
         return command, resolve_config(ns, ns["name"], device)
     if command.mode != "compare":
         return command, validate(resolve_config(ns, ns["name"], device))
-    names = [n for n in command.compare.split(",") if n]
-    if not names or not all(n in nvfp4.PRECISIONS for n in names) or len(set(names)) < len(names):
-        raise UsageError(f"--compare takes a comma-separated list of distinct precisions from "
-                         f"{', '.join(nvfp4.PRECISIONS)}, got {command.compare!r}")
-    if "nvfp4" not in names and switches_set(ns, NVFP4_ONLY):
+    labels = [v for v in command.compare.split(",") if v]
+    if not labels or len(set(labels)) < len(labels):
+        raise UsageError(f"--compare takes a comma-separated list of distinct variants (a precision from "
+                         f"{', '.join(nvfp4.PRECISIONS)}, then :switch or :switch=value, e.g. nvfp4:no-rht), "
+                         f"got {command.compare!r}")
+    precisions = [label.split(":")[0] for label in labels]
+    if "nvfp4" not in precisions and switches_set(ns, NVFP4_ONLY):
         raise UsageError(f"{listed(switches_set(ns, NVFP4_ONLY))} to nvfp4, which --compare does not list")
-    variants = tuple(validate(resolve_config(variant_flags(ns, name), name, device)) for name in names)
-    return dataclasses.replace(command, variants=variants), variants[0]
+    seeds = parse_seeds(command.seeds, ns["seed"])
+    variants = tuple(Variant(label, parse_variant(label, ns, device)) for label in labels)
+    return dataclasses.replace(command, variants=variants, sweep_seeds=seeds), variants[0].config
+
+
+class Variant(NamedTuple):
+    """One --compare variant: its text (the report's name for it) and its validated Config."""
+    label: str
+    config: Config
+
+
+def parse_seeds(text: Optional[str], seed: int) -> tuple:
+    """--seeds 0,1,2 -> (0, 1, 2); without it, (--seed,)."""
+    if text is None:
+        return (seed,)
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise UsageError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) < len(seeds) or not all(0 <= s < 2 ** 32 for s in seeds):
+        raise UsageError(f"--seeds must be distinct integers in [0, 2^32), got {text!r}")
+    return seeds
+
+
+def parse_variant(label: str, ns: dict, device: torch.device) -> Config:
+    """'nvfp4:no-rht:nvfp4-4over6=all' -> the Config of precision nvfp4 with those flags (any flag
+    of the precision section but --precision, named without --) on top of the command line's."""
+    precision, *switches = label.split(":")
+    if precision not in nvfp4.PRECISIONS:
+        raise UsageError(f"--compare variant {label!r}: {precision!r} is not a precision ({', '.join(nvfp4.PRECISIONS)})")
+    allowed = {flag_of(f.name): f for f in fields(PrecisionConfig) if f.name != "name"}
+    allowed.update({"--no-amp": None})  # the off switch of --amp
+    argv = []
+    for switch in switches:
+        key, has_value, value = switch.partition("=")
+        if "--" + key not in allowed:
+            raise UsageError(f"--compare variant {label!r}: {key!r} is not a precision switch (one of "
+                             f"{', '.join(sorted(k[2:] for k in allowed))})")
+        argv += ["--" + key] + ([value] if has_value else [])
+    parser = build_parser(with_defaults=False)
+
+    def error(message):
+        raise UsageError(f"--compare variant {label!r}: {message}")
+    parser.error = error
+    given = vars(parser.parse_args(argv))
+    try:
+        return validate(resolve_config({**variant_flags(ns, precision), **given}, precision, device))
+    except UsageError as problem:
+        raise UsageError(f"--compare variant {label!r}: {problem}") from None
 
 
 def variant_flags(ns: dict, name: str) -> dict:
@@ -1622,7 +1693,7 @@ class RunLog:
 
 # What this program writes in a run folder; a compare folder also holds run folders.
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint_step*.pt", "checkpoint_step*.pt.tmp", "eval_*.json",
-             "recons", "compare", "wandb")
+             "recons", "compare", "wandb", "cell.json")
 
 
 def plan_run_dir(config: Config, kind: Optional[str] = None) -> Path:
@@ -1794,8 +1865,10 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07):
     return correct / len(test_x)
 
 
-def evaluate(model: MAE, precision: nvfp4.Precision, config: Config, train: Split, heldout: Split) -> dict:
-    """Held-out loss and PSNR; with labels, linear-probe and kNN accuracy on encoder features."""
+def evaluate(model: MAE, precision: nvfp4.Precision, config: Config, train: Split, heldout: Split,
+             finetune: Optional["Finetune"] = None) -> dict:
+    """Held-out loss and PSNR; with labels, linear-probe and kNN accuracy on encoder features,
+    and with `finetune` (epochs > 0) the fine-tuned top-1."""
     dataset, seed = config.data.dataset, config.run.seed
     model.eval()
     results = heldout_metrics(model, heldout.images, precision, dataset, seed)
@@ -1807,11 +1880,69 @@ def evaluate(model: MAE, precision: nvfp4.Precision, config: Config, train: Spli
         results["linear_probe_acc"] = linear_probe(train_x, train_y, test_x, test_y, seed=seed)
         results["knn_acc"] = knn_accuracy(train_x, train_y, test_x, test_y)
         results["chance_acc"] = 1.0 / len(train.labels.unique())
+        if finetune is not None and finetune.epochs > 0:
+            results["finetune_acc"] = finetune_accuracy(model, precision, config, train, heldout, finetune)
+            results["finetune"] = f"{finetune.epochs} epochs, {finetune.precision}"
     model.train()
     return results
 
 
-def run_eval(path: str, cli: Config, explicit) -> dict:
+class Finetune(NamedTuple):
+    """--finetune-epochs and --finetune-precision (bf16 or pretrain)."""
+    epochs: int
+    precision: str
+
+    @classmethod
+    def of(cls, command) -> "Finetune":
+        return cls(command.finetune_epochs, command.finetune_precision)
+
+
+@torch.compiler.set_stance("force_eager")
+def finetune_accuracy(model: MAE, precision: nvfp4.Precision, config: Config, train: Split, heldout: Split,
+                      finetune: Finetune, blr=5e-4) -> float:
+    """MAE's fine-tuning evaluation, short (facebookresearch/mae main_finetune.py without mixup,
+    cutmix, layer decay or drop path): a copy of the encoder and a linear head on its cls feature
+    trained end to end on the labelled training split (AdamW, lr blr x batch / 256, weight decay
+    0.05, one warm-up epoch then cosine, random flips); in the AMP dtype with the linear layers
+    unquantized (bf16) or in the pretraining precision (pretrain). Returns held-out top-1."""
+    device, cfg, dataset = next(model.parameters()).device, model.cfg, config.data.dataset
+    net = copy.deepcopy(model).train()
+    if finetune.precision == "bf16":
+        nvfp4.linear.drop_quantization(net)
+        precision = precision.unquantized()
+    classes = int(max(train.labels.max(), heldout.labels.max())) + 1
+    head = nn.Linear(cfg.embed_dim, classes, device=device)
+    nn.init.trunc_normal_(head.weight, std=2e-5)  # as MAE's head
+    nn.init.zeros_(head.bias)
+    batch = min(config.optim.batch_size, len(train.images))
+    steps_per_epoch = len(train.images) // batch  # whole batches: the quantized GEMMs' shape rules hold
+    total, warmup = finetune.epochs * steps_per_epoch, steps_per_epoch
+    opt = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=blr * batch / 256, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * max(0, step - warmup) / max(1, total - warmup))))
+    g = torch.Generator().manual_seed(seed_for(config.run.seed, 11))
+    for _ in range(finetune.epochs):
+        for idx in torch.randperm(len(train.images), generator=g)[:steps_per_epoch * batch].split(batch):
+            x = plain_images(train.images[idx], dataset, cfg.img_size)
+            x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x).to(device)
+            with precision.autocast():
+                loss = F.cross_entropy(head(net.features(x)).float(), train.labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(heldout.images), batch):
+            x = plain_images(heldout.images[start:start + batch], dataset, cfg.img_size).to(device)
+            with precision.autocast():
+                logits = head(net.features(x))
+            correct += (logits.argmax(1).cpu() == heldout.labels[start:start + batch]).sum().item()
+    return correct / len(heldout.images)
+
+
+def run_eval(path: str, cli: Config, explicit, finetune: Finetune) -> dict:
     """--eval CKPT: rebuild the checkpoint's model, evaluate it, write eval_<ckpt>.json beside it."""
     path = find_checkpoint(path, "--eval")
     ckpt, saved = load_checkpoint(path)
@@ -1822,7 +1953,8 @@ def run_eval(path: str, cli: Config, explicit) -> dict:
     if ckpt.get("unquantized"):  # trained to the end in high precision (--high-precision-from)
         nvfp4.linear.drop_quantization(model)
         precision = precision.unquantized()
-    results = evaluate(model, precision, config, load_images(config, train=True), load_images(config, train=False))
+    results = evaluate(model, precision, config, load_images(config, train=True), load_images(config, train=False),
+                       finetune)
     results["checkpoint"], results["step"] = str(path), ckpt["progress"]["step"]
     out = path.with_name(f"eval_{path.stem}.json")
     try:
@@ -1836,73 +1968,252 @@ def run_eval(path: str, cli: Config, explicit) -> dict:
 
 # ============================================================================= comparison
 
-def run_compare(variants: tuple) -> dict:
-    """Train each variant (the same config, seed and data order in another precision) in a
-    folder of one compare root; write compare/ with a table, loss curves and the grids."""
-    root = plan_run_dir(variants[0], kind="compare")
-    make_run_dir(root, variants[0].run.overwrite)
-    (root / "config.json").write_text(json.dumps({"compare": [asdict(v) for v in variants]}, indent=2))
+def run_compare(variants: tuple, seeds: tuple, finetune: Finetune) -> dict:
+    """Train every (variant, seed) cell (the same config, init, data order and masks for one seed
+    across variants) in its folder of one compare root, evaluate it, then write compare/: the
+    table with means, stds and paired CIs, results.json, cells.csv and the figures. A rerun with
+    the same arguments and --run-name skips the finished cells and resumes an interrupted one."""
+    root = compare_root(variants, seeds, finetune)
     results = {}
-    for config in variants:
-        name = config.precision.name
-        config = config.replace(out_dir=str(root), run_name=name, overwrite=False)
-        print(f"\n===== {name} =====")
-        loop = TrainingLoop(config)
-        summary = loop.train()
-        summary.update(evaluate(loop.train_step.model, loop.train_step.precision, config, loop.train_split,
-                                loop.heldout_split))
-        results[name] = summary
-        del loop
-        torch._dynamo.reset()
+    for label, config in variants:
+        for seed in seeds:
+            results.setdefault(label, {})[seed] = run_cell(root, label, config.replace(seed=seed), finetune)
+        torch._dynamo.reset()  # graphs are kept across the seeds of one variant, not across variants
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     folder = root / "compare"
-    folder.mkdir()
-    write_compare_table(results, folder / "table.md", variants[0])
-    plot_loss_curves(results, folder / "loss_curves.png")
-    grids = [transforms.functional.to_tensor(Image.open(s["recon"]).convert("RGB")) for s in results.values()]
-    save_image(torch.cat(grids, 1), folder / "recons.png")
-    (folder / "results.json").write_text(json.dumps(
-        {p: {k: v for k, v in s.items() if not k.endswith("curve")} for p, s in results.items()}, indent=2,
-        default=str))
-    print(f"\n{(folder / 'table.md').read_text()}\n[compare] {folder}: table.md, loss_curves.png, recons.png "
-          f"(top to bottom: {', '.join(results)})")
-    return results
+    folder.mkdir(exist_ok=True)
+    report = compare_report(results, variants, seeds)
+    write_compare_table(report, folder / "table.md", variants[0].config, seeds)
+    write_cells_csv(results, folder / "cells.csv")
+    (folder / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    plot_loss_curves(results, report["reference"], folder / "loss_curves.png")
+    save_labelled_recons(results, folder / "recons.png")
+    if plot_fp4_stats(results, folder / "fp4_stats.png"):
+        print(f"[compare] {folder / 'fp4_stats.png'}: --fp4-stats per layer and operand")
+    print(f"\n{(folder / 'table.md').read_text()}\n[compare] {folder}: table.md, results.json, cells.csv, "
+          f"loss_curves.png, recons.png")
+    return report
 
 
-def write_compare_table(results: dict, path: Path, config: Config):
-    ref_name = "bf16" if "bf16" in results else next(iter(results))
-    ref = results[ref_name]
-    cols = ["precision", "final loss", f"gap vs {ref_name}", "held-out loss", "PSNR masked (dB)",
-            "probe acc", "kNN acc", "img/s", "peak mem (GiB)", "backend"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for precision, s in results.items():
-        gap = 100 * (s["final_loss"] - ref["final_loss"]) / ref["final_loss"]
-        fmt = lambda key, f: f.format(s[key]) if key in s else "n/a"
-        lines.append("| " + " | ".join([precision, f"{s['final_loss']:.4f}", f"{gap:+.2f}%", fmt("heldout_loss", "{:.4f}"),
-                                        fmt("psnr_masked", "{:.2f}"), fmt("linear_probe_acc", "{:.3f}"),
-                                        fmt("knn_acc", "{:.3f}"), fmt("img_per_s", "{:.0f}"),
-                                        fmt("peak_mem_gib", "{:.2f}"), s["backend"]]) + " |")
+def compare_root(variants: tuple, seeds: tuple, finetune: Finetune) -> Path:
+    """The comparison's folder: a new one, or (the same --run-name, the same variants, seeds and
+    flags) the one a killed sweep left, to go on with."""
+    first = variants[0].config
+    plan = {"compare": [{"variant": label, "config": asdict(c)} for label, c in variants], "seeds": list(seeds),
+            "finetune": list(finetune)}
+    if first.run.run_name and not first.run.overwrite:
+        root = Path(first.run.out_dir) / first.run.run_name
+        saved = root / "config.json"
+        if saved.is_file():
+            if json.loads(saved.read_text()) != json.loads(json.dumps(plan)):
+                raise UsageError(f"{root} holds another comparison (other variants, seeds or flags); pass "
+                                 f"--overwrite to replace it, or another --run-name")
+            print(f"[compare] going on with {root}")
+            return root
+    root = plan_run_dir(first, kind="compare")
+    make_run_dir(root, first.run.overwrite)
+    (root / "config.json").write_text(json.dumps(plan, indent=2))
+    return root
+
+
+def cell_folder(label: str, seed: int) -> str:
+    """'nvfp4:nvfp4-4over6=all', 0 -> 'nvfp4+nvfp4-4over6_all-seed0' (a plain folder name)."""
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", label.replace(":", "+")) + f"-seed{seed}"
+
+
+def run_cell(root: Path, label: str, config: Config, finetune: Finetune) -> dict:
+    """Train and evaluate one cell, or read a finished cell's cell.json; an interrupted cell goes
+    on from its last checkpoint (one without a checkpoint starts again)."""
+    run_dir = root / cell_folder(label, config.run.seed)
+    done = run_dir / "cell.json"
+    if done.is_file():
+        print(f"[compare] {label}, seed {config.run.seed}: finished before, skipped ({done})")
+        return json.loads(done.read_text())
+    print(f"\n===== {label}, seed {config.run.seed} =====")
+    config = config.replace(out_dir=str(root), run_name=run_dir.name, overwrite=True)
+    last = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if last is not None:
+        ckpt, _ = load_checkpoint(last)
+        print(f"[compare] going on from {last}")
+        loop = TrainingLoop(config, run_dir=run_dir, ckpt=ckpt)
+    else:
+        loop = TrainingLoop(config)
+    summary = loop.train()
+    summary.update(evaluate(loop.train_step.model, loop.train_step.precision, config, loop.train_split,
+                            loop.heldout_split, finetune))
+    summary.update(variant=label, seed=config.run.seed)
+    done.write_text(json.dumps(summary, default=str))
+    return json.loads(done.read_text())
+
+
+COMPARE_METRICS = {  # key -> (column, format)
+    "final_loss": ("final loss", "{:.4f}"), "heldout_loss": ("held-out loss", "{:.4f}"),
+    "psnr_masked": ("PSNR masked (dB)", "{:.2f}"), "linear_probe_acc": ("probe acc", "{:.3f}"),
+    "knn_acc": ("kNN acc", "{:.3f}"), "finetune_acc": ("fine-tune acc", "{:.3f}"),
+    "img_per_s": ("img/s", "{:.0f}"), "peak_mem_gib": ("peak mem (GiB)", "{:.2f}"),
+}
+
+
+def compare_report(results: dict, variants: tuple, seeds: tuple) -> dict:
+    """Per variant and metric: mean and std over seeds; per variant against the reference (bf16
+    when compared, else the first): the mean of the per-seed differences and its 95% CI (Student
+    t over those differences, n - 1 degrees of freedom), and whether the CI excludes 0."""
+    from scipy import stats
+    reference = next((label for label, _ in variants if label == "bf16"), variants[0].label)
+    report = {"reference": reference, "seeds": list(seeds), "variants": {}, "differences": {},
+              "cells": {label: {str(seed): {k: v for k, v in cell.items() if not k.endswith("curve")}
+                                for seed, cell in cells.items()} for label, cells in results.items()}}
+    for label, cells in results.items():
+        row, diff = {}, {}
+        for key in COMPARE_METRICS:
+            values = [cells[seed][key] for seed in seeds if key in cells[seed]]
+            if len(values) == len(seeds):
+                row[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1
+                            else None, "n": len(values)}
+            ref_values = [results[reference][seed].get(key) for seed in seeds]
+            if label != reference and key in row and None not in ref_values:
+                d = np.array(values) - np.array(ref_values)
+                entry = {"mean": float(d.mean()), "relative": float(d.mean() / np.mean(ref_values)), "n": len(d)}
+                if len(d) > 1:
+                    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+                    entry.update(ci95=[float(d.mean() - half), float(d.mean() + half)],
+                                 excludes_zero=bool(abs(d.mean()) > half))
+                diff[key] = entry
+        report["variants"][label] = row
+        if label != reference:
+            report["differences"][label] = diff
+    return report
+
+
+def write_compare_table(report: dict, path: Path, config: Config, seeds: tuple):
+    """Two markdown tables: mean +- std per variant; the paired differences to the reference."""
+    keys = [k for k in COMPARE_METRICS if any(k in row for row in report["variants"].values())]
+    cell = lambda stat, fmt: "n/a" if stat is None else fmt.format(stat["mean"]) + (
+        f" ± {fmt.format(stat['std'])}" if stat.get("std") is not None else "")
+    lines = ["| variant | " + " | ".join(COMPARE_METRICS[k][0] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for label, row in report["variants"].items():
+        lines.append(f"| {label} | " + " | ".join(cell(row.get(k), COMPARE_METRICS[k][1]) for k in keys) + " |")
+    ref = report["reference"]
+    lines += ["", f"Paired differences to {ref} (variant - {ref}, mean over seeds [95% CI]; * where the CI "
+                  f"excludes 0):", "", "| variant | " + " | ".join(COMPARE_METRICS[k][0] for k in keys) + " |",
+              "|---" * (len(keys) + 1) + "|"]
+    for label, diff in report["differences"].items():
+        out = []
+        for k in keys:
+            d, fmt = diff.get(k), COMPARE_METRICS[k][1].replace("{:", "{:+")
+            if d is None:
+                out.append("n/a")
+            elif "ci95" not in d:
+                out.append(f"{fmt.format(d['mean'])} ({d['relative']:+.1%}; 1 seed)")
+            else:
+                lo, hi = (fmt.format(v) for v in d["ci95"])
+                out.append(f"{fmt.format(d['mean'])} ({d['relative']:+.1%}) [{lo}, {hi}]{' *' if d['excludes_zero'] else ''}")
+        lines.append(f"| {label} | " + " | ".join(out) + " |")
     d, m, o = config.data, config.model, config.optim
-    lines.append(f"\n{d.dataset}, model {m.preset}, {m.img_size}px/patch {m.patch_size}, {o.epochs} epochs, "
-                 f"batch {o.batch_size}, seed {config.run.seed}; loss = mean masked MSE of the last epoch.")
+    lines.append(f"\n{d.dataset}, model {m.preset}, {m.img_size}px/patch {m.patch_size}, {o.epochs} epochs, batch "
+                 f"{o.batch_size}, seeds {', '.join(map(str, seeds))}; loss = mean masked MSE of the last epoch; "
+                 f"std over seeds (n - 1).")
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot_loss_curves(results: dict, path: Path):
+def write_cells_csv(results: dict, path: Path):
+    """One row per (variant, seed) with every metric: the numbers behind the table."""
+    import csv
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "seed", *COMPARE_METRICS, "backend"])
+        for label, cells in results.items():
+            for seed, c in cells.items():
+                writer.writerow([label, seed, *(c.get(k, "") for k in COMPARE_METRICS), c.get("backend", "")])
+
+
+def mean_curves(cells: dict) -> tuple:
+    """(steps, mean, std) of the cells' loss curves over seeds (epoch means for runs shorter
+    than two --log-every intervals); the seeds share their steps."""
+    key = "curve" if all(len(c["curve"]) >= 2 for c in cells.values()) else "epoch_curve"
+    curves = [np.array(c[key], dtype=float) for c in cells.values()]
+    length = min(len(c) for c in curves)
+    losses = np.stack([c[:length, 1] for c in curves])
+    return curves[0][:length, 0], losses, key
+
+
+def plot_loss_curves(results: dict, reference: str, path: Path):
+    """Left: each variant's loss over steps, mean over seeds with a +-std band. Right: the
+    relative gap to the reference, per seed then averaged, with its band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    per_epoch = any(len(s["curve"]) < 2 for s in results.values())  # runs shorter than 2 x --log-every
-    for precision, s in results.items():
-        ax.plot(*zip(*s["epoch_curve" if per_epoch else "curve"]), label=precision, marker="o" if per_epoch else None)
-    ylabel = f"train loss (masked MSE{', epoch mean' if per_epoch else ''})"
-    ax.set(xlabel="step", ylabel=ylabel, yscale="log", title="MAE pretraining loss by precision")
+    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ref_steps, ref_losses, key = mean_curves(results[reference])
+    for label, cells in results.items():
+        steps, losses, _ = mean_curves(cells)
+        mean, std = losses.mean(0), losses.std(0, ddof=1) if len(losses) > 1 else np.zeros(losses.shape[1])
+        (line,) = ax.plot(steps, mean, label=label, marker="o" if key == "epoch_curve" else None)
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        n = min(len(steps), len(ref_steps))
+        rel = 100 * (losses[:, :n] - ref_losses[:, :n]) / ref_losses[:, :n]
+        rel_std = rel.std(0, ddof=1) if len(rel) > 1 else np.zeros(n)
+        gap_ax.plot(steps[:n], rel.mean(0), color=line.get_color(), label=label)
+        gap_ax.fill_between(steps[:n], rel.mean(0) - rel_std, rel.mean(0) + rel_std, color=line.get_color(), alpha=0.2)
+    seeds = len(next(iter(results.values())))
+    ax.set(xlabel="step", ylabel=f"train loss (masked MSE{', epoch mean' if key == 'epoch_curve' else ''})",
+           yscale="log", title=f"MAE pretraining loss, mean ± std over {seeds} seed{'s' * (seeds > 1)}")
+    gap_ax.axhline(0, color="black", linewidth=0.8)
+    gap_ax.set(xlabel="step", ylabel=f"loss gap to {reference} (%)", title=f"relative gap to {reference}, paired by seed")
     ax.legend()
+    gap_ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def save_labelled_recons(results: dict, path: Path, scale: int = 3):
+    """The first seed's final reconstruction grid of each variant, one below the other, each
+    upscaled (nearest, so 32 px images stay sharp) under a strip with the variant's name."""
+    from PIL import ImageDraw
+    grids = []
+    for label, cells in results.items():
+        grid = Image.open(next(iter(cells.values()))["recon"]).convert("RGB")
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+        strip = Image.new("RGB", (grid.width, 16), "white")
+        ImageDraw.Draw(strip).text((4, 2), f"{label} (rows: original | visible | reconstruction)", fill="black")
+        grids += [strip, grid]
+    canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
+    top = 0
+    for g in grids:
+        canvas.paste(g, (0, top))
+        top += g.height
+    canvas.save(path)
+
+
+def plot_fp4_stats(results: dict, path: Path) -> bool:
+    """Heat maps of the --fp4-stats summary (layer x operand: share of nonzeros flushed to zero,
+    relative error) for each variant that has one; False if none has."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    stats = {label: next(iter(cells.values()))["fp4_stats"] for label, cells in results.items()
+             if "fp4_stats" in next(iter(cells.values()))}
+    if not stats:
+        return False
+    operands = ["X", "W", "dY"]
+    fig, axes = plt.subplots(len(stats), 2, figsize=(10, 0.25 * max(len(s) for s in stats.values()) / 3 * len(stats) + 2),
+                             squeeze=False)
+    for row, (label, summary) in zip(axes, stats.items()):
+        layers = list(dict.fromkeys(key.rsplit(".", 1)[0] for key in summary))
+        for ax, (metric, title) in zip(row, (("flushed_to_zero", "nonzeros flushed to zero"),
+                                             ("rel_error", "relative error"))):
+            grid = np.array([[summary.get(f"{layer}.{op}", {}).get(metric, np.nan) for op in operands]
+                             for layer in layers])
+            image = ax.imshow(grid, aspect="auto", cmap="viridis")
+            ax.set(xticks=range(3), xticklabels=operands, yticks=range(len(layers)), title=f"{label}: {title}")
+            ax.set_yticklabels(layers, fontsize=6)
+            fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 # ============================================================================= benchmark
@@ -2034,13 +2345,13 @@ def main(argv=None):
         command, config = parse_config(argv)
         rank, world = init_distributed(command.mode)
         if command.mode == "eval":
-            return run_eval(command.eval, config, command.explicit)
+            return run_eval(command.eval, config, command.explicit, Finetune.of(command))
         if config.run.compile:
             start_compile_workers()
         if command.mode == "benchmark":
             return run_benchmark(config, command.benchmark, command.benchmark_synthetic)
         if command.mode == "compare":
-            return run_compare(command.variants)
+            return run_compare(command.variants, command.sweep_seeds, Finetune.of(command))
         run_dir, ckpt, changes = None, None, []
         if command.mode == "resume":
             path = find_checkpoint(command.resume, "--resume")

@@ -274,7 +274,14 @@ BAD = {
     "override choice": (["--precision", "fp8", "--backward-override", "fp16"], "invalid choice"),
     "backend te on cpu": (["--precision", "nvfp4", "--backend", "te", "--dataset", "fake"], "--backend te"),
     "nvfp4 shapes": (["--precision", "nvfp4", "--batch-size", "8", "--dataset", "fake"], "tokens per step M = 136"),
-    "compare list": (["--compare", "bf16,int8"], "--compare takes"),
+    "compare list": (["--compare", "bf16,bf16"], "--compare takes"),
+    "compare precision": (["--compare", "bf16,int8"], "--compare variant 'int8': 'int8' is not a precision"),
+    "variant switch": (["--compare", "bf16,nvfp4:epochs=3"], "'epochs' is not a precision switch"),
+    "variant misfit": (["--compare", "bf16:no-rht"], "--compare variant 'bf16:no-rht': --no-rht applies to"),
+    "variant combo": (["--compare", "nvfp4:nvfp4-4over6=all"], "'nvfp4:nvfp4-4over6=all': --nvfp4-4over6 all needs --no-rht"),
+    "variant value": (["--compare", "nvfp4:nvfp4-4over6=some"], "variant 'nvfp4:nvfp4-4over6=some': argument --nvfp4-4over6"),
+    "seeds alone": (["--seeds", "0,1"], "--seeds needs --compare"),
+    "seeds repeated": (["--compare", "bf16", "--seeds", "1,1"], "--seeds must be distinct"),
     "missing resume": (["--resume", "/nonexistent/ckpt.pt"], "no such checkpoint"),
     "empty folder": (["--dataset", "folder", "--data-root", "{tmp}"], "holds no images"),
 }
@@ -349,20 +356,31 @@ def test_config_is_frozen_resolved_and_round_trips(tmp_path):
 def test_compare_variants_resolve_their_own_amp_and_switches():
     command, _ = asmae_minimal.parse_config(["--device", "cpu", "--compare", "fp32,bf16,nvfp4", "--no-amp",
                                              "--no-rht", "--fp4-stats"])
-    fp32, bf16, fp4 = command.variants
-    assert command.mode == "compare" and [v.precision.name for v in command.variants] == ["fp32", "bf16", "nvfp4"]
+    assert command.mode == "compare" and [v.config.precision.name for v in command.variants] == ["fp32", "bf16", "nvfp4"]
+    fp32, bf16, fp4 = (v.config for v in command.variants)
     assert (fp32.precision.amp, bf16.precision.amp, fp4.precision.amp) == (False, True, False)
     assert fp4.precision.disable_rht and fp4.precision.fp4_stats
     assert not (bf16.precision.disable_rht or bf16.precision.fp4_stats)
     command, _ = asmae_minimal.parse_config(["--device", "cpu", "--compare", "bf16,fp8,nvfp4", "--no-rht",
                                              "--nvfp4-4over6", "all", "--high-precision-from", "0.9",
                                              "--backward-override", "dequantized"])
-    bf16, fp8, fp4 = (v.precision for v in command.variants)
+    bf16, fp8, fp4 = (v.config.precision for v in command.variants)
     assert (fp4.nvfp4_4over6, fp8.nvfp4_4over6, bf16.nvfp4_4over6) == ("all", "none", "none")
     assert (fp4.high_precision_from, fp8.high_precision_from, bf16.high_precision_from) == (0.9, 0.9, None)
     assert (fp8.backward_override, bf16.backward_override) == ("dequantized", None)
-    recipe = asmae_minimal.resolve_precision(command.variants[2], torch.device("cpu")).recipe
+    recipe = asmae_minimal.resolve_precision(command.variants[2].config, torch.device("cpu")).recipe
     assert (recipe.nvfp4_4over6, recipe.disable_rht, recipe.backward_override) == ("all", True, "dequantized")
+    # per-variant switches, on top of the command line's
+    command, _ = asmae_minimal.parse_config([
+        "--device", "cpu", "--compare", "bf16,nvfp4,nvfp4:no-rht:nvfp4-4over6=all,nvfp4:high-precision-from=0.9,"
+        "nvfp4:keep-high-precision=blocks.0.*,fp8:backward-override=dequantized", "--seeds", "0,1,2"])
+    labels = [v.label for v in command.variants]
+    assert labels[2] == "nvfp4:no-rht:nvfp4-4over6=all" and command.sweep_seeds == (0, 1, 2)
+    p = {v.label: v.config.precision for v in command.variants}
+    assert (p["nvfp4"].disable_rht, p["nvfp4"].nvfp4_4over6) == (False, "none")
+    assert (p[labels[2]].disable_rht, p[labels[2]].nvfp4_4over6) == (True, "all")
+    assert p[labels[3]].high_precision_from == 0.9 and p[labels[4]].keep_high_precision == ("blocks.0.*",)
+    assert p[labels[5]].backward_override == "dequantized" and p["bf16"].amp
 
 
 def test_resume_config_applies_given_flags_and_refuses_conflicts():

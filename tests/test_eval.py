@@ -1,5 +1,6 @@
 """Measuring FP4's cost: folder datasets, held-out loss and PSNR, linear probe and kNN, the
 precision comparison report, FP4 diagnostics and W&B logging."""
+import csv
 import json
 import math
 import sys
@@ -74,26 +75,70 @@ def test_linear_probe_and_knn_separate_classes():
     assert asmae_minimal.knn_accuracy(train_x, shuffled, test_x, test_y) < 0.5  # chance is 0.25
 
 
-def test_compare_writes_table_plot_and_grid(tmp_path):
+def test_compare_sweep_reports_means_paired_cis_and_figures(tmp_path):
     data = write_image_folder(tmp_path / "images", classes=3, per_class=24)
-    results = cli(tmp_path, "--dataset", "folder", "--data-root", str(data), "--epochs", "2",
-                  "--compare", "fp32,fp8,nvfp4", "--fp4-stats", run_name="cmp")[0]
-    folder = tmp_path / "runs" / "cmp" / "compare"
-    table = (folder / "table.md").read_text().splitlines()
-    rows = {line.split("|")[1].strip(): line for line in table if line.startswith("| ") and "precision" not in line}
-    assert set(rows) == {"fp32", "fp8", "nvfp4"} and "+0.00%" in rows["fp32"]
-    for precision, summary in results.items():
-        gap = 100 * (summary["final_loss"] - results["fp32"]["final_loss"]) / results["fp32"]["final_loss"]
-        assert f"{gap:+.2f}%" in rows[precision]
-        assert 0 < summary["heldout_loss"] < 10 and summary["psnr_masked"] > 0
-        assert 0 <= summary["linear_probe_acc"] <= 1 and 0 <= summary["knn_acc"] <= 1
-    assert "fp4_stats" in results["nvfp4"] and "fp4_stats" not in results["fp8"]
-    with Image.open(folder / "recons.png") as grid:
-        assert grid.size == (7 * 34 + 2, 3 * (3 * 34 + 2))  # 7 held-out images; a 3-row grid per precision
-    with Image.open(folder / "loss_curves.png") as plot:
-        assert plot.size[0] > 400
+    report = cli(tmp_path, "--dataset", "folder", "--data-root", str(data), "--epochs", "2", "--fp4-stats",
+                 "--compare", "fp32,nvfp4,nvfp4:no-rht:no-2d-weights", "--seeds", "0,1", run_name="cmp")[0]
+    root = tmp_path / "runs" / "cmp"
+    folder = root / "compare"
+    assert report["reference"] == "fp32" and report["seeds"] == [0, 1]
+    assert sorted(p.name for p in root.iterdir() if p.name not in ("compare", "recons") and p.is_dir()) == [
+        "fp32-seed0", "fp32-seed1", "nvfp4+no-rht+no-2d-weights-seed0", "nvfp4+no-rht+no-2d-weights-seed1",
+        "nvfp4-seed0", "nvfp4-seed1"]
+    cells = {(row["variant"], int(row["seed"])): row for row in csv.DictReader((folder / "cells.csv").open())}
+    assert len(cells) == 6
+    # the same seed: the same initial weights, data and masks in every variant (fp32's first logged
+    # loss is the same for both nvfp4 variants only up to quantization, so compare seeds instead)
+    assert cells[("fp32", 0)]["final_loss"] != cells[("fp32", 1)]["final_loss"]
+    # the paired CI, recomputed from the cells: t(0.975, 1) = 12.7062
+    for label in ("nvfp4", "nvfp4:no-rht:no-2d-weights"):
+        for key in ("final_loss", "heldout_loss", "linear_probe_acc"):
+            d = [float(cells[(label, s)][key]) - float(cells[("fp32", s)][key]) for s in (0, 1)]
+            mean, half = sum(d) / 2, 12.7062 * abs(d[0] - d[1]) / math.sqrt(2) / math.sqrt(2)
+            entry = report["differences"][label][key]
+            assert entry["mean"] == pytest.approx(mean) and entry["ci95"] == pytest.approx([mean - half, mean + half], rel=1e-4)
+            assert entry["excludes_zero"] == (abs(mean) > half)
+            values = [float(cells[(label, s)][key]) for s in (0, 1)]
+            assert report["variants"][label][key]["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    for label in ("fp32", "nvfp4"):  # --compare's default fine-tuning (5 epochs, bf16): colours separate
+        assert all(cells[(label, s)]["finetune_acc"] and float(cells[(label, s)]["finetune_acc"]) > 0.5 for s in (0, 1))
+    table = (folder / "table.md").read_text()
+    assert "fine-tune acc" in table and "| nvfp4:no-rht:no-2d-weights | " in table and " ± " in table and "Paired differences to fp32" in table
+    assert "[" in table.split("Paired differences")[1]
+    with Image.open(folder / "recons.png") as grid:  # 3 variants: a 16 px label strip over a 3x grid each
+        assert grid.size == (3 * (7 * 34 + 2), 3 * (16 + 3 * (3 * 34 + 2)))
+    for name in ("loss_curves.png", "fp4_stats.png"):
+        with Image.open(folder / name) as png:
+            assert png.size[0] > 600
     saved = json.loads((folder / "results.json").read_text())
-    assert saved["nvfp4"]["backend"].startswith("emulated NVFP4")
+    assert saved["cells"]["nvfp4"]["0"]["backend"].startswith("emulated NVFP4") and "fp4_stats" in saved["cells"]["nvfp4"]["0"]
+
+
+def test_a_killed_sweep_goes_on_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """Rerun with the same arguments: finished cells are skipped, the interrupted one goes on from its
+    checkpoint, and the results are those of the sweep that ran straight through."""
+    from test_runs import stop_after
+    data = write_image_folder(tmp_path / "images", classes=3, per_class=24)
+    argv = ("--dataset", "folder", "--data-root", str(data), "--epochs", "2", "--save-every", "1",
+            "--finetune-epochs", "0", "--compare", "fp32,nvfp4", "--seeds", "0,1")
+    straight = cli(tmp_path, *argv, run_name="straight")[0]
+    with monkeypatch.context() as patch:
+        stop_after(patch, 8 + 8 + 6)  # two cells of 8 steps, then 6 steps into the third (nvfp4, seed 0)
+        with pytest.raises(SystemExit):
+            cli(tmp_path, *argv, run_name="killed")
+    capsys.readouterr()
+    resumed = cli(tmp_path, *argv, run_name="killed")[0]
+    out = capsys.readouterr().out
+    assert out.count("finished before, skipped") == 2 and "going on from" in out
+    for label in ("fp32", "nvfp4"):
+        for seed in ("0", "1"):
+            a, b = straight["cells"][label][seed], resumed["cells"][label][seed]
+            assert a["final_loss"] == b["final_loss"] and a["heldout_loss"] == b["heldout_loss"], (label, seed)
+    cli(tmp_path, *argv, run_name="killed")
+    assert capsys.readouterr().out.count("finished before, skipped") == 4
+    with pytest.raises(SystemExit) as exit_info:
+        cli(tmp_path, *argv[:-1], "0,2", run_name="killed")
+    assert exit_info.value.code == 2 and "holds another comparison" in capsys.readouterr().err
 
 
 def test_fp4_stats_are_logged_and_summarized(tmp_path, capsys):
@@ -117,6 +162,23 @@ def test_eval_writes_json(tmp_path):
     written = json.loads(next(run_dir.glob("eval_checkpoint_step*.json")).read_text())
     assert written == json.loads(json.dumps(results))
     assert {"heldout_loss", "psnr_masked", "linear_probe_acc", "knn_acc", "chance_acc", "step"} <= set(written)
+
+
+def test_eval_fine_tunes_in_the_precision_asked(tmp_path, monkeypatch):
+    """--finetune-epochs N: the encoder and a head learn the classes (each its own colour, chance
+    1/3); bf16 drops the quantization of a copy (the checkpoint's model keeps it), pretrain keeps it."""
+    data = write_image_folder(tmp_path / "images", classes=3, per_class=32)
+    _, run_dir = cli(tmp_path, "--dataset", "folder", "--data-root", str(data), "--epochs", "1", "--precision", "nvfp4")
+    assert "finetune_acc" not in asmae_minimal.main(["--eval", str(run_dir), "--device", "cpu"])  # off by default
+    dropped = []
+    real = asmae_minimal.nvfp4.linear.drop_quantization
+    monkeypatch.setattr(asmae_minimal.nvfp4.linear, "drop_quantization", lambda m: dropped.append(real(m)) or dropped[-1])
+    for precision, drops in (("bf16", 1), ("pretrain", 0)):
+        dropped.clear()
+        results = asmae_minimal.main(["--eval", str(run_dir), "--device", "cpu", "--finetune-epochs", "6",
+                                      "--finetune-precision", precision])
+        assert results["finetune_acc"] > 0.6 and results["finetune"] == f"6 epochs, {precision}"
+        assert len(dropped) == drops and (not drops or dropped[0] > 0)
 
 
 def test_wandb_receives_the_metrics(tmp_path, monkeypatch):

@@ -100,8 +100,9 @@ def test_wandb_without_a_login_says_how_and_leaves_no_folder(tmp_path, capsys, m
 
 
 def test_compare_refuses_a_bad_variant_list_before_training(tmp_path, capsys):
-    for variants in ("fp32,fp32", "bf16,int8", ","):
-        fails(capsys, ["--out-dir", str(tmp_path / "runs"), "--compare", variants, *NO_DATA], "--compare takes")
+    for variants, message in (("fp32,fp32", "--compare takes"), (",", "--compare takes"),
+                              ("bf16,int8", "'int8' is not a precision"), ("nvfp4:no-rht=3", "unrecognized arguments: 3")):
+        fails(capsys, ["--out-dir", str(tmp_path / "runs"), "--compare", variants, *NO_DATA], message)
     assert not (tmp_path / "runs").exists()
 
 
@@ -182,9 +183,9 @@ def test_first_run_rough_edges(tmp_path, images, capsys):
 
 
 def test_loss_curves_plot_epoch_means_of_short_runs(tmp_path):
-    results = {"bf16": {"curve": [], "epoch_curve": [(4, 0.9), (8, 0.7)]},
-               "nvfp4": {"curve": [(2, 1.0)], "epoch_curve": [(4, 1.0), (8, 0.8)]}}
-    asmae_minimal.plot_loss_curves(results, tmp_path / "curves.png")
+    results = {"bf16": {0: {"curve": [], "epoch_curve": [(4, 0.9), (8, 0.7)]}},
+               "nvfp4": {0: {"curve": [(2, 1.0)], "epoch_curve": [(4, 1.0), (8, 0.8)]}}}
+    asmae_minimal.plot_loss_curves(results, "bf16", tmp_path / "curves.png")
     with Image.open(tmp_path / "curves.png") as png:
         pixels = np.asarray(png.convert("RGB")).reshape(-1, 3).astype(int)
     for color in ((31, 119, 180), (255, 127, 14)):  # matplotlib's first two line colours: both lines drawn
