@@ -1310,6 +1310,8 @@ class TrainingLoop:
         self.summary = {"curve": [], "epoch_curve": [], "run_dir": str(self.run_dir),
                         "backend": self.train_step.precision.backend_name}
         self.fp4_rows = {}
+        if ckpt is not None and rank == 0:
+            self._restore_summary()
         self._announce(resume_changes, ckpt is not None)
         f = config.precision.high_precision_from  # the last step in the run's precision
         self.high_precision_step = None if f is None else math.floor(f * config.optim.epochs * len(self.loader))
@@ -1327,6 +1329,24 @@ class TrainingLoop:
             set_rng_state(ckpt["rng"], self.device)
         else:  # DDP ranks re-derive their RNG (used by stochastic rounding only) from seed, rank, step
             torch.manual_seed(seed_for(self.config.run.seed, self.rank, self.progress.step))
+
+    def _restore_summary(self):
+        """A resumed run's loss curves so far (and a finished run's final numbers and grid) from its
+        metrics.jsonl, so that its summary covers the whole run."""
+        path = self.run_dir / "metrics.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("type") == "step":
+                self.summary["curve"].append((record["step"], record["loss"]))
+            elif record.get("type") == "epoch":
+                self.summary["epoch_curve"].append((record["step"], record["loss"]))
+                self.summary.update(final_loss=record["loss"], img_per_s=record["img_per_s"])
+        recon = self.run_dir / "recons" / f"final_recon_ep{self.config.optim.epochs:04d}.png"
+        if self.complete and recon.exists():
+            self.summary["recon"] = str(recon)
 
     def _announce(self, resume_changes, resumed):
         c, m, log = self.config, self.config.model, self.log

@@ -134,6 +134,9 @@ def test_a_killed_sweep_goes_on_where_it_stopped(tmp_path, monkeypatch, capsys):
         for seed in ("0", "1"):
             a, b = straight["cells"][label][seed], resumed["cells"][label][seed]
             assert a["final_loss"] == b["final_loss"] and a["heldout_loss"] == b["heldout_loss"], (label, seed)
+            cell = f"{label}-seed{seed}/cell.json"  # the whole run's curves, also of the resumed cell
+            a, b = (json.loads((tmp_path / "runs" / run / cell).read_text()) for run in ("straight", "killed"))
+            assert a["curve"] == b["curve"] and a["epoch_curve"] == b["epoch_curve"] and len(a["epoch_curve"]) == 2
     cli(tmp_path, *argv, run_name="killed")
     assert capsys.readouterr().out.count("finished before, skipped") == 4
     with pytest.raises(SystemExit) as exit_info:
