@@ -4,7 +4,7 @@ NVFP4, FP8 or BF16, and see what 4-bit training costs: losses, pictures, speed, 
 
     python asmae_minimal.py --dataset cifar100 --epochs 150 --batch-size 128 --mask-ratio 0.6 --randaugment
     python asmae_minimal.py --precision nvfp4 --epochs 50
-    python asmae_minimal.py --compare bf16,fp8,nvfp4 --epochs 20
+    python asmae_minimal.py --compare bf16,fp8,nvfp4,nvfp4:high-precision-from=0.9 --seeds 0,1,2 --epochs 20
 
 The sections follow the data:
     config         flags -> one frozen Config (data, model, precision, optim, run), validated once
@@ -12,10 +12,10 @@ The sections follow the data:
     model          patchify, the ViT blocks, the MAE and its mask check
     precision      the linear layers in the run's precision (nvfp4.Precision), GEMM shape check
     train step     optimizer, schedule, compile, the loss guard; one optimizer step (CUDA graph)
-    training loop  epochs, progress, logging, signals, FP4 statistics
+    training loop  epochs, progress, logging, signals, the precision schedule, FP4 statistics
     outputs        checkpoints, run folders, metrics.jsonl / W&B, reconstruction grids
-    evaluation     held-out loss and PSNR, linear probe, kNN
-    comparison     --compare: one run per precision, a table, loss curves, grids
+    evaluation     held-out loss and PSNR, linear probe, kNN, fine-tuning
+    comparison     --compare: a run per (variant, seed), resumable; means, paired CIs, figures
     benchmark      --benchmark: img/s, step time, memory, data share, MFU
     main           distributed setup, dispatch, exit codes
 """
