@@ -2171,6 +2171,8 @@ def plot_loss_curves(results: dict, reference: str, path: Path):
         mean, std = losses.mean(0), losses.std(0, ddof=1) if len(losses) > 1 else np.zeros(losses.shape[1])
         (line,) = ax.plot(steps, mean, label=label, marker="o" if key == "epoch_curve" else None)
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        if label == reference:  # its gap is the zero line
+            continue
         n = min(len(steps), len(ref_steps))
         rel = 100 * (losses[:, :n] - ref_losses[:, :n]) / ref_losses[:, :n]
         rel_std = rel.std(0, ddof=1) if len(rel) > 1 else np.zeros(n)
