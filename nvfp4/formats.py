@@ -257,9 +257,32 @@ class NVFP4Tensor(NamedTuple):
         factor = dequant_scale(self.scales, self.row_amax(), self.e4m3_max)
         return (self._blocked(self.codes) * factor[..., None]).flatten(1)[:, :self.codes.shape[1]]
 
+    def packed(self) -> tuple:
+        """TE's bytes: (data, scale) as TE's NVFP4 tensors store them, data uint8 [rows,
+        ceil(cols / 2)] with two E2M1 codes a byte (even column in the low nibble; 0-7 for +0 ... +6,
+        8-15 for -0 ... -6; NaN as 0, as TE's cast), scale float8_e4m3fn [rows, blocks]."""
+        return pack_e2m1(self.codes), self.scales.to(torch.float8_e4m3fn)
+
     def _blocked(self, t: torch.Tensor) -> torch.Tensor:
         pad = self.scales.shape[1] * BLOCK - t.shape[1]
         return torch.nn.functional.pad(t, (0, pad)).view(t.shape[0], -1, BLOCK)
+
+
+def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """Signed E2M1 values [rows, cols] -> uint8 [rows, ceil(cols / 2)], TE's nibble order and codes."""
+    a = codes.abs().nan_to_num(0.0)
+    magnitude = torch.where(a < 2, a * 2, torch.where(a < 4, a + 2, a / 2 + 4))  # 0, .5, ..., 6 -> 0 ... 7
+    nibble = (magnitude + 8 * (torch.signbit(codes) & ~codes.isnan())).to(torch.uint8)
+    nibble = torch.nn.functional.pad(nibble, (0, codes.shape[1] % 2))
+    return nibble[:, ::2] | (nibble[:, 1::2] << 4)
+
+
+def unpack_e2m1(data: torch.Tensor, cols: int) -> torch.Tensor:
+    """The inverse of pack_e2m1: uint8 [rows, ceil(cols / 2)] -> signed E2M1 values [rows, cols] (fp32)."""
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], device=data.device)
+    grid = torch.cat([grid, -grid])
+    nibbles = torch.stack([data & 0xF, data >> 4], dim=-1).flatten(1)[:, :cols]
+    return grid[nibbles.long()]
 
 
 def _block_amax(x: torch.Tensor, tile_rows: int) -> torch.Tensor:

@@ -145,6 +145,17 @@ def test_dequantize_stays_finite_where_te_overflows():
     assert_bitwise(q.dequantize(), te_order)  # TE's order wherever it is finite
 
 
+def test_packed_bytes_round_trip_every_code():
+    from nvfp4.formats import pack_e2m1, unpack_e2m1
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    codes = torch.cat([grid, -grid]).repeat(3, 1)[:, :15]  # odd width: the last byte holds one code
+    packed = pack_e2m1(codes)
+    assert packed.shape == (3, 8) and packed.dtype == torch.uint8
+    assert packed[0, :4].tolist() == [0 | 1 << 4, 2 | 3 << 4, 4 | 5 << 4, 6 | 7 << 4]  # TE's nibble order
+    assert packed[0, 4].item() == 8 | 9 << 4  # -0.0 is code 8, as TE's cast
+    assert_bitwise(unpack_e2m1(packed, 15), codes)
+
+
 def test_input_checks():
     with pytest.raises(TypeError):
         fake_quantize(torch.ones(4, 16, dtype=torch.int32))

@@ -54,6 +54,10 @@ def assert_copy_matches(te_reference, mine, data, scale, amax, rows, cols, what)
     assert_same(torch.where(torch.isnan(mine.codes), 0.0, mine.codes)[:, :cols], codes, what + " codes")
     assert_same(mine.scales, scale.to(torch.float32)[:rows], what + " scales")
     assert_same(mine.amax.reshape(-1), amax.reshape(-1), what + " amax")
+    packed, scale_bytes = mine.packed()  # TE's own bytes: codes two a byte, E4M3 scales
+    assert torch.equal(packed[:, :data.shape[1]], data), what + " packed bytes"
+    numbers = ~torch.isnan(scale[:rows].float())  # a NaN scale (NaN input) is NaN either way, its sign bit aside
+    assert torch.equal(scale_bytes.view(torch.uint8)[numbers], scale[:rows].view(torch.uint8)[numbers]), what + " scale bytes"
 
 
 def assert_matches_te(te_reference, x, tile_rows, rht, four_over_six, e4m3_max, row_scaled):
