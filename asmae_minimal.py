@@ -265,6 +265,7 @@ RESUME_CONFLICTS = ("preset", "img_size", "patch_size", "name", "dataset", "norm
 NVFP4_ONLY = ("disable_rht", "disable_stochastic_rounding", "disable_2d_quantization", "row_scaled_activation",
               "nvfp4_4over6", "nvfp4_4over6_e4m3_use_256", "nvfp4_4over6_err_mode", "fp4_stats")
 QUANTIZED_ONLY = ("backward_override", "high_precision_from")
+PRECISION_DEFAULTS = {f.name: f.default for f in fields(PrecisionConfig)}
 
 
 def flag_of(name: str) -> str:
@@ -282,8 +283,7 @@ def switches_set(values, names) -> list:
     """The flags among `names` whose PrecisionConfig value (values: a dict or the config) is not
     the default."""
     get = values.get if isinstance(values, dict) else lambda name: getattr(values, name)
-    defaults = {f.name: f.default for f in fields(PrecisionConfig)}
-    return [flag_of(name) for name in names if get(name) != defaults[name]]
+    return [flag_of(name) for name in names if get(name) != PRECISION_DEFAULTS[name]]
 
 
 class UsageError(Exception):
@@ -402,8 +402,7 @@ def parse_variant(label: str, ns: dict, device: torch.device) -> Config:
     precision, *switches = label.split(":")
     if precision not in nvfp4.PRECISIONS:
         raise UsageError(f"--compare variant {label!r}: {precision!r} is not a precision ({', '.join(nvfp4.PRECISIONS)})")
-    allowed = {flag_of(f.name): f for f in fields(PrecisionConfig) if f.name != "name"}
-    allowed.update({"--no-amp": None})  # the off switch of --amp
+    allowed = {flag_of(f.name) for f in fields(PrecisionConfig) if f.name != "name"} | {"--no-amp"}
     argv = []
     for switch in switches:
         key, has_value, value = switch.partition("=")
@@ -427,10 +426,9 @@ def variant_flags(ns: dict, name: str) -> dict:
     """The flags of one --compare precision: bf16 always runs under AMP and fp32 without (as
     their own defaults), the NVFP4 switches apply to nvfp4 alone, the quantized ones to fp8 and
     nvfp4."""
-    defaults = {f.name: f.default for f in fields(PrecisionConfig)}
     reset = (() if name == "nvfp4" else NVFP4_ONLY) + (QUANTIZED_ONLY if name in ("bf16", "fp32") else ())
     ns = dict(ns, amp=None) if name in ("bf16", "fp32") else ns
-    return dict(ns, **{key: defaults[key] for key in reset})
+    return dict(ns, **{key: PRECISION_DEFAULTS[key] for key in reset})
 
 
 def resolve_config(ns: dict, name: Optional[str], device: torch.device) -> Config:

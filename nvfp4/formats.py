@@ -306,7 +306,7 @@ def _check_quantizer(tile_rows, stochastic, four_over_six, e4m3_max, row_scaled)
     if tile_rows not in (1, BLOCK):
         raise ValueError(f"tile_rows must be 1 or {BLOCK}, got {tile_rows}")
     if four_over_six is not None:
-        _check_choice("four_over_six", four_over_six.upper(), (None,) + FOUR_OVER_SIX_ERR_MODES)
+        _check_choice("four_over_six", four_over_six.upper(), FOUR_OVER_SIX_ERR_MODES)
         if stochastic:
             raise ValueError("four_over_six rounds to nearest: TE has no 4over6 with stochastic rounding")
     _check_choice("e4m3_max", e4m3_max, E4M3_MAXES)
@@ -332,15 +332,14 @@ def quantize_nvfp4(x: torch.Tensor, tile_rows: int = 1, stochastic: bool = False
     four_over_six = _check_quantizer(tile_rows, stochastic, four_over_six, e4m3_max, row_scaled)
     rows, cols = x.shape
     amax = _tensor_amax(x, row_scaled)
+    row_amax = amax[:, None] if row_scaled else amax  # broadcast over each row's blocks
     padded = torch.nn.functional.pad(x, (0, -cols % BLOCK, 0, -rows % tile_rows))
-    g_enc = global_encode_scale(amax, e4m3_max)
-    g_enc = g_enc[:, None] if row_scaled else g_enc
+    g_enc = global_encode_scale(row_amax, e4m3_max)
     g_dec = torch.div(1.0, g_enc)
     block_amax = _block_amax(padded, tile_rows).to(torch.float32)
     blocks = padded.to(torch.float32).view(padded.shape[0], -1, BLOCK)
     if four_over_six:
-        codes, scales = _four_over_six(blocks, block_amax, amax[:, None] if row_scaled else amax,
-                                       g_enc, g_dec, four_over_six, e4m3_max, tile_rows)
+        codes, scales = _four_over_six(blocks, block_amax, row_amax, g_enc, g_dec, four_over_six, e4m3_max, tile_rows)
         return NVFP4Tensor(codes.flatten(1)[:rows, :cols], scales[:rows], amax, e4m3_max)
     multiplier = g_enc * torch.reciprocal(torch.tensor(E2M1_MAX, device=x.device))
     scales = round_e4m3_scale(block_amax * multiplier)
@@ -369,12 +368,12 @@ def _four_over_six(blocks, block_amax, amax, g_enc, g_dec, err_mode: str, e4m3_m
     16 rows' errors in TE's tree order; map-to-4 wins only where its error is smaller."""
     # a divisor tensor, as TE's: torch divides by a Python number through its reciprocal on CUDA
     base = torch.div(block_amax, torch.tensor(E2M1_MAX, device=blocks.device)) * g_enc
+    denom = torch.tensor(E2M1_MAX * e4m3_max, device=blocks.device)
     candidates = []
     for scale in (round_e4m3_scale(base * 1.5), round_e4m3_scale(base)):
         codes = round_e2m1(_scale_to_e2m1(blocks, scale, g_dec))
         values = codes * scale[..., None]
         error = torch.zeros_like(block_amax)
-        denom = torch.tensor(E2M1_MAX * e4m3_max, device=blocks.device)
         for i in range(BLOCK):
             diff = (values[..., i] * amax) / denom - blocks[..., i]
             error = error + (diff * diff if err_mode == "MSE" else diff.abs())

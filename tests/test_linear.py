@@ -211,14 +211,21 @@ def test_cuda_compiled_operands_are_bitwise_eager():
         assert torch.equal(eager_amax, compiled_amax)
 
 
-@requires_cuda
-def test_cuda_linear_matches_cpu_and_compiles():
+def cuda_matches_cpu(recipe):
+    """The layer on CUDA (Triton kernels) gives the CPU reference's outputs and gradients, up to
+    fp32 summation order; returns the inputs and the CPU results."""
     torch._dynamo.reset()
     x, w, b, dy = inputs(m=256, k=128, n=64)
-    cpu = run_linear(RN, x, w, b, dy)
-    gpu = run_linear(RN, *(t.cuda() for t in (x, w, b, dy)))
+    cpu = run_linear(recipe, x, w, b, dy)
+    gpu = run_linear(recipe, *(t.cuda() for t in (x, w, b, dy)))
     for c, g in zip(cpu, gpu):
         torch.testing.assert_close(c, g.cpu(), rtol=1e-5, atol=1e-6)
+    return (x, w, b, dy), cpu
+
+
+@requires_cuda
+def test_cuda_linear_matches_cpu_and_compiles():
+    (x, w, b, dy), _ = cuda_matches_cpu(RN)
     compiled = torch.compile(lambda x, w, b: quantized_linear(x, w, b, NVFP4Recipe()))
     xx = x.cuda().requires_grad_()
     compiled(xx, w.cuda().requires_grad_(), b.cuda()).backward(dy.cuda())
@@ -240,12 +247,7 @@ def test_cuda_recipe_options_match_cpu_and_compile(recipe):
     """Every recipe option through the Triton kernels (4over6, 256 bound, row-scaled amaxes and
     the fused GEMM's per-row alpha, the dequantized copy) gives the CPU reference's GEMMs, up to
     fp32 summation order; and compiles."""
-    torch._dynamo.reset()
-    x, w, b, dy = inputs(m=256, k=128, n=64)
-    cpu = run_linear(recipe, x, w, b, dy)
-    gpu = run_linear(recipe, *(t.cuda() for t in (x, w, b, dy)))
-    for c, g in zip(cpu, gpu):
-        torch.testing.assert_close(c, g.cpu(), rtol=1e-5, atol=1e-6)
+    (x, w, b, dy), cpu = cuda_matches_cpu(recipe)
     compiled = torch.compile(lambda x, w, b: quantized_linear(x, w, b, recipe))
     xx, ww = x.cuda().requires_grad_(), w.cuda().requires_grad_()
     y = compiled(xx, ww, b.cuda())
