@@ -364,7 +364,7 @@ def parse_config(argv=None) -> tuple:
         return command, resolve_config(ns, ns["name"], device)
     if command.mode != "compare":
         return command, validate(resolve_config(ns, ns["name"], device))
-    labels = [v for v in command.compare.split(",") if v]
+    labels = split_variants(command.compare)
     if not labels or len(set(labels)) < len(labels):
         raise UsageError(f"--compare takes a comma-separated list of distinct variants (a precision from "
                          f"{', '.join(nvfp4.PRECISIONS)}, then :switch or :switch=value, e.g. nvfp4:no-rht), "
@@ -375,6 +375,20 @@ def parse_config(argv=None) -> tuple:
     seeds = parse_seeds(command.seeds, ns["seed"])
     variants = tuple(Variant(label, parse_variant(label, ns, device)) for label in labels)
     return dataclasses.replace(command, variants=variants, sweep_seeds=seeds), variants[0].config
+
+
+def split_variants(text: str) -> list:
+    """'bf16,nvfp4:keep-high-precision=patch_embed,blocks.5.*' -> ['bf16', 'nvfp4:keep-high-precision=
+    patch_embed,blocks.5.*']: after a variant's last switch keep-high-precision=..., the pieces
+    that are no precision (and have no switches) are more of its comma-separated patterns."""
+    variants = []
+    for piece in text.split(","):
+        pattern_list = variants and variants[-1].rpartition(":")[2].startswith("keep-high-precision=")
+        if pattern_list and ":" not in piece and piece not in nvfp4.PRECISIONS:
+            variants[-1] += "," + piece
+        elif piece:
+            variants.append(piece)
+    return variants
 
 
 class Variant(NamedTuple):
@@ -2009,8 +2023,10 @@ def run_compare(variants: tuple, seeds: tuple, finetune: Finetune) -> dict:
     save_labelled_recons(results, folder / "recons.png")
     if plot_fp4_stats(results, folder / "fp4_stats.png"):
         print(f"[compare] {folder / 'fp4_stats.png'}: --fp4-stats per layer and operand")
-    print(f"\n{(folder / 'table.md').read_text()}\n[compare] {folder}: table.md, results.json, cells.csv, "
-          f"loss_curves.png, recons.png")
+    walls = [c.get("cell_wall_s", 0.0) for cells in results.values() for c in cells.values()]
+    print(f"\n{(folder / 'table.md').read_text()}\n[compare] {len(walls)} cells, {sum(walls):.0f} s of cell time "
+          f"(cells.csv has each cell's time and compile warm-up)\n[compare] {folder}: table.md, results.json, "
+          f"cells.csv, loss_curves.png, recons.png")
     return report
 
 
@@ -2049,6 +2065,7 @@ def run_cell(root: Path, label: str, config: Config, finetune: Finetune) -> dict
         print(f"[compare] {label}, seed {config.run.seed}: finished before, skipped ({done})")
         return json.loads(done.read_text())
     print(f"\n===== {label}, seed {config.run.seed} =====")
+    start = time.perf_counter()
     config = config.replace(out_dir=str(root), run_name=run_dir.name, overwrite=True)
     last = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if last is not None:
@@ -2060,7 +2077,7 @@ def run_cell(root: Path, label: str, config: Config, finetune: Finetune) -> dict
     summary = loop.train()
     summary.update(evaluate(loop.train_step.model, loop.train_step.precision, config, loop.train_split,
                             loop.heldout_split, finetune))
-    summary.update(variant=label, seed=config.run.seed)
+    summary.update(variant=label, seed=config.run.seed, cell_wall_s=time.perf_counter() - start)
     done.write_text(json.dumps(summary, default=str))
     return json.loads(done.read_text())
 
@@ -2071,6 +2088,9 @@ COMPARE_METRICS = {  # key -> (column, format)
     "knn_acc": ("kNN acc", "{:.3f}"), "finetune_acc": ("fine-tune acc", "{:.3f}"),
     "img_per_s": ("img/s", "{:.0f}"), "peak_mem_gib": ("peak mem (GiB)", "{:.2f}"),
 }
+
+
+CELL_TIMES = ("warmup_s", "cell_wall_s")  # first 3 steps (compile), and the cell (this session's part)
 
 
 def compare_report(results: dict, variants: tuple, seeds: tuple) -> dict:
@@ -2140,10 +2160,11 @@ def write_cells_csv(results: dict, path: Path):
     import csv
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["variant", "seed", *COMPARE_METRICS, "backend"])
+        writer.writerow(["variant", "seed", *COMPARE_METRICS, *CELL_TIMES, "backend"])
         for label, cells in results.items():
             for seed, c in cells.items():
-                writer.writerow([label, seed, *(c.get(k, "") for k in COMPARE_METRICS), c.get("backend", "")])
+                writer.writerow([label, seed, *(c.get(k, "") for k in (*COMPARE_METRICS, *CELL_TIMES)),
+                                 c.get("backend", "")])
 
 
 def mean_curves(cells: dict) -> tuple:

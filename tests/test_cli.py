@@ -376,13 +376,14 @@ def test_compare_variants_resolve_their_own_amp_and_switches():
     # per-variant switches, on top of the command line's
     command, _ = asmae_minimal.parse_config([
         "--device", "cpu", "--compare", "bf16,nvfp4,nvfp4:no-rht:nvfp4-4over6=all,nvfp4:high-precision-from=0.9,"
-        "nvfp4:keep-high-precision=blocks.0.*,fp8:backward-override=dequantized", "--seeds", "0,1,2"])
+        "nvfp4:keep-high-precision=patch_embed,decoder_pred,blocks.0.*,fp8:backward-override=dequantized",
+        "--seeds", "0,1,2"])
     labels = [v.label for v in command.variants]
     assert labels[2] == "nvfp4:no-rht:nvfp4-4over6=all" and command.sweep_seeds == (0, 1, 2)
     p = {v.label: v.config.precision for v in command.variants}
     assert (p["nvfp4"].disable_rht, p["nvfp4"].nvfp4_4over6) == (False, "none")
     assert (p[labels[2]].disable_rht, p[labels[2]].nvfp4_4over6) == (True, "all")
-    assert p[labels[3]].high_precision_from == 0.9 and p[labels[4]].keep_high_precision == ("blocks.0.*",)
+    assert p[labels[3]].high_precision_from == 0.9 and p[labels[4]].keep_high_precision == ("patch_embed", "decoder_pred", "blocks.0.*")
     assert p[labels[5]].backward_override == "dequantized" and p["bf16"].amp
 
 
