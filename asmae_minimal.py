@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import errno
 import fnmatch
+import gc
 import importlib.util
 import itertools
 import json
@@ -34,6 +35,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -1319,7 +1321,7 @@ class TrainingLoop:
         elif rank == 0 and not self.complete:
             truncate_metrics(run_dir / "metrics.jsonl", self.progress.step)
         self.log = RunLog(run_dir, config, rank == 0)
-        self.summary = {"curve": [], "epoch_curve": [], "run_dir": str(self.run_dir),
+        self.summary = {"curve": [], "epoch_curve": [], "epoch_img_per_s": [], "run_dir": str(self.run_dir),
                         "backend": self.train_step.precision.backend_name}
         self.fp4_rows = {}
         if ckpt is not None and rank == 0:
@@ -1354,8 +1356,7 @@ class TrainingLoop:
             if record.get("type") == "step":
                 self.summary["curve"].append((record["step"], record["loss"]))
             elif record.get("type") == "epoch":
-                self.summary["epoch_curve"].append((record["step"], record["loss"]))
-                self.summary.update(final_loss=record["loss"], img_per_s=record["img_per_s"])
+                self._add_epoch(record)
         recon = self.run_dir / "recons" / f"final_recon_ep{self.config.optim.epochs:04d}.png"
         if self.complete and recon.exists():
             self.summary["recon"] = str(recon)
@@ -1395,6 +1396,8 @@ class TrainingLoop:
         stop = StopRequest()
         stop.install()
         self.start_time = time.perf_counter()
+        if self.device.type == "cuda":  # the summary's peak is this run's (a sweep trains many in one process)
+            torch.cuda.reset_peak_memory_stats(self.device)
         epochs, save_every = self.config.optim.epochs, self.config.run.save_every
         try:
             for epoch in range(self.progress.epoch, epochs):
@@ -1488,8 +1491,14 @@ class TrainingLoop:
         skipped = f"  skipped {record['skipped_steps']}" if record["skipped_steps"] else ""
         self.log.print(f"epoch {epoch + 1}/{self.config.optim.epochs}  loss {record['loss']:.4f}  "
                        f"{record['img_per_s']:.0f} img/s  {seconds:.1f} s{skipped}")
-        self.summary.update(final_loss=record["loss"], img_per_s=record["img_per_s"])
+        self._add_epoch(record)
+
+    def _add_epoch(self, record: dict):
+        """The summary's epoch curve, final loss and speed: the median epoch's img/s (an epoch
+        that compiles, or the one a precision schedule recompiles in, is an outlier)."""
         self.summary["epoch_curve"].append((record["step"], record["loss"]))
+        self.summary["epoch_img_per_s"].append(record["img_per_s"])
+        self.summary.update(final_loss=record["loss"], img_per_s=statistics.median(self.summary["epoch_img_per_s"]))
 
     def _checkpoint(self, epoch, batch) -> Path:
         return save_checkpoint(self.train_step, self.config, self.run_dir, self.progress.state_dict(epoch, batch))
@@ -2010,6 +2019,7 @@ def run_compare(variants: tuple, seeds: tuple, finetune: Finetune) -> dict:
     for label, config in variants:
         for seed in seeds:
             results.setdefault(label, {})[seed] = run_cell(root, label, config.replace(seed=seed), finetune)
+            gc.collect()  # the finished cell's model and optimizer state, before the next measures its peak
         torch._dynamo.reset()  # graphs are kept across the seeds of one variant, not across variants
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -100,6 +100,11 @@ def test_compare_sweep_reports_means_paired_cis_and_figures(tmp_path):
             assert entry["excludes_zero"] == (abs(mean) > half)
             values = [float(cells[(label, s)][key]) for s in (0, 1)]
             assert report["variants"][label][key]["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    for (label, seed), row in cells.items():  # img/s: the median epoch's (one epoch compiles), per cell
+        epochs = [json.loads(line) for line in (root / asmae_minimal.cell_folder(label, seed) / "metrics.jsonl").open()]
+        speeds = sorted(r["img_per_s"] for r in epochs if r["type"] == "epoch")
+        assert len(speeds) == 2 and float(row["img_per_s"]) == pytest.approx((speeds[0] + speeds[1]) / 2)
+        assert float(row["cell_wall_s"]) > 0
     for label in ("fp32", "nvfp4"):  # --compare's default fine-tuning (5 epochs, bf16): colours separate
         assert all(cells[(label, s)]["finetune_acc"] and float(cells[(label, s)]["finetune_acc"]) > 0.5 for s in (0, 1))
     table = (folder / "table.md").read_text()
