@@ -2193,7 +2193,7 @@ def plot_loss_curves(results: dict, reference: str, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.3 * math.ceil(len(results) / 3)))
     ref_steps, ref_losses, key = mean_curves(results[reference])
     for label, cells in results.items():
         steps, losses, _ = mean_curves(cells)
@@ -2212,9 +2212,10 @@ def plot_loss_curves(results: dict, reference: str, path: Path):
            yscale="log", title=f"MAE pretraining loss, mean ± std over {seeds} seed{'s' * (seeds > 1)}")
     gap_ax.axhline(0, color="black", linewidth=0.8)
     gap_ax.set(xlabel="step", ylabel=f"loss gap to {reference} (%)", title=f"relative gap to {reference}, paired by seed")
-    ax.legend()
-    gap_ax.legend()
-    fig.tight_layout()
+    # one legend under both panels (the variant strings are long; inside, they hide the curves)
+    columns = min(3, len(results))
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=columns, frameon=False)
+    fig.tight_layout(rect=(0, 0.055 * math.ceil(len(results) / columns), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
