@@ -1430,6 +1430,8 @@ class TrainingLoop:
             bar.update(1)
             if p.step == 3 and "warmup_s" not in self.summary:
                 self._report_warmup()
+            elif self.config.run.compile and p.step == (self.high_precision_step or -3) + 3:
+                stop_compile_workers()  # the switch's recompile started them again (see the function)
             if b == first:  # the bar shows loss and lr from its first step on (one sync an epoch)
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(p.step - 1, steps, o):.2e}")
             if p.step % self.config.run.log_every == 0:

@@ -210,6 +210,24 @@ def test_run_folders_never_collide(tmp_path, images, capsys):
     assert len([p for p in (tmp_path / "runs").iterdir() if p.name.startswith("folder-tiny")]) == 2
 
 
+def test_compile_workers_stop_after_the_first_steps_and_after_the_switch_recompiles(tmp_path, images, monkeypatch):
+    """The pool of compile workers slows every step while it lives (the speed table's row on
+    stop_compile_workers), and a recompile starts it again: stopped 3 steps after the start and
+    3 steps after --high-precision-from's switch. (Compiling is stubbed: this is the loop's logic.)"""
+    stopped_at, real_step = [], asmae_minimal.TrainStep.__call__
+    steps = [0]
+
+    def step(self, *args):
+        steps[0] = args[-1]
+        return real_step(self, *args)
+    monkeypatch.setattr(asmae_minimal.TrainStep, "__call__", step)
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kwargs: fn)
+    monkeypatch.setattr(asmae_minimal, "compile_model", lambda *args, **kwargs: None)
+    monkeypatch.setattr(asmae_minimal, "stop_compile_workers", lambda: stopped_at.append(steps[0]))
+    run(tmp_path, images, "--precision", "nvfp4", "--epochs", "2", "--compile", "--high-precision-from", "0.25")
+    assert stopped_at == [3, 2 + 3]
+
+
 def test_high_precision_from_switches_once_and_resumes_across_the_switch(tmp_path, images, monkeypatch, capsys):
     """--high-precision-from 0.5 over 8 steps: steps 1-4 quantized, 5-8 not; the first 4 steps are
     those of the plain nvfp4 run; the switch is logged and recorded once; a run stopped before or
