@@ -133,7 +133,8 @@ class PrecisionConfig:
     amp: Optional[bool] = flag(None, "autocast activations to bf16 (fp16 + GradScaler where bf16 is missing); "
                                      "default on GPU", off="run activations in fp32")
     backend: str = flag("auto", "auto: Transformer Engine where it imports and the GPU runs the recipe, else "
-                                "emulation", choices=["auto", "te", "emulated"])
+                                "emulation (fp8: with FP8 tensor-core GEMMs on sm_89+); emulated: bf16 GEMMs",
+                        choices=["auto", "te", "emulated"])
     disable_rht: bool = flag(False, "NVFP4: no Random Hadamard Transform (TE disable_rht)", flag="--no-rht")
     disable_stochastic_rounding: bool = flag(False, "NVFP4: round gradients to nearest (TE "
                                                     "disable_stochastic_rounding)", flag="--no-stochastic-rounding")

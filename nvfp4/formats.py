@@ -123,12 +123,23 @@ class NVFP4Recipe:
 @dataclass(frozen=True)
 class FP8Recipe:
     """TE's `Float8CurrentScaling` with Format.HYBRID: E4M3 forward, E5M2 gradients;
-    backward_override as in NVFP4Recipe."""
+    backward_override as in NVFP4Recipe. The emulation multiplies the FP8 values on bf16 tensor
+    cores (exact: an FP8 value is a bf16 value)."""
     name: ClassVar[str] = "fp8"
+    native: ClassVar[bool] = False
     backward_override: Optional[str] = None
 
     def __post_init__(self):
         _check_choice("backward_override", self.backward_override, BACKWARD_OVERRIDES)
+
+
+@dataclass(frozen=True)
+class NativeFP8Recipe(FP8Recipe):
+    """FP8Recipe with its three GEMMs on FP8 tensor cores (torch._scaled_mm: sm_89 and newer), as
+    TE runs Float8CurrentScaling on Hopper: the same E4M3/E5M2 operands and scales; cuBLAS sums
+    the products (fp32 accumulation) and applies scale_inv_a * scale_inv_b in its epilogue. Not
+    a TE field: TE always runs FP8 natively."""
+    native: ClassVar[bool] = True
 
 
 # ---- E2M1 element rounding -------------------------------------------------------------

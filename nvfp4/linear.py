@@ -52,8 +52,9 @@ def _quantize(recipe: Recipe, kind: str, t: torch.Tensor, name: str, rowwise: bo
     the wgrad GEMM (of dgrad for W). Returns (rowwise, columnwise, dequantized): Operands or None,
     and with `dequantized` the rowwise copy as TE's dequantize gives it, in t's dtype."""
     if isinstance(recipe, FP8Recipe):  # per-tensor scaling: the transpose has the same values
-        q = quantize_fp8(t, torch.float8_e5m2 if kind == "dy" else torch.float8_e4m3fn)
-        values = q.values.to(_gemm_dtype(t))
+        fp8 = torch.float8_e5m2 if kind == "dy" else torch.float8_e4m3fn
+        q = quantize_fp8(t, fp8)
+        values = q.values.to(fp8 if recipe.native else _gemm_dtype(t))
         return (Operand(values, q.scale_inv) if rowwise else None,
                 Operand(values.t(), q.scale_inv) if columnwise else None,
                 (q.values * q.scale_inv).to(t.dtype) if dequantized else None)
@@ -126,6 +127,8 @@ def _gemm(a: Operand, b_t: Operand, bias, out_dtype, wgrad=False):
     Triton GEMM with this epilogue fused (the fp32 product never goes to memory); wgrad (K =
     tokens, a small output) stays with cuBLAS, whose split-K suits it."""
     nvfp4 = a.e4m3_max is not None
+    if a.values.dtype in FP8_DTYPES:
+        return _fp8_mm(a, b_t, bias, out_dtype)
     if kernels is not None and a.values.is_cuda and not wgrad:
         alpha_scale = kernels.nvfp4_alpha_scale(a.e4m3_max, b_t.e4m3_max) if nvfp4 else 1.0
         return torch.ops.nvfp4.scaled_mm(a.values, b_t.values, a.factor, b_t.factor, bias, alpha_scale, out_dtype)
@@ -138,6 +141,27 @@ def _gemm(a: Operand, b_t: Operand, bias, out_dtype, wgrad=False):
     # no `.to()` when the dtype already matches: torch 2.11's compiled autograd.Function
     # returns zero gradients for a forward output that aliases an intermediate
     return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _fp8_mm(a: Operand, b_t: Operand, bias, out_dtype):
+    """NativeFP8Recipe's GEMM: torch._scaled_mm(a, b_t) * a.factor * b_t.factor (+ bias), fp32
+    accumulation and one rounding to out_dtype. cuBLAS takes a row-major and b_t column-major
+    (a transposed copy of the 1-byte values where the operand is the other way round, as TE's
+    columnwise FP8 copies are) and dimensions that are multiples of 16; other shapes multiply
+    the same values as the emulation does."""
+    (m, k), n = a.values.shape, b_t.values.shape[1]
+    if m % 16 or k % 16 or n % 16:
+        exact = _gemm_dtype(a.values)
+        return _gemm(Operand(a.values.to(exact), a.factor), Operand(b_t.values.to(exact), b_t.factor), bias, out_dtype)
+    # cuBLAS adds a bias in its epilogue only for 16-bit outputs; an fp32 output adds it after,
+    # in fp32, where the emulation adds it too
+    fused = bias is not None and out_dtype != torch.float32
+    y = torch._scaled_mm(a.values.contiguous(), b_t.values.t().contiguous().t(), a.factor, b_t.factor,
+                         bias=bias.to(out_dtype) if fused else None, out_dtype=out_dtype)
+    return y + bias.to(out_dtype) if bias is not None and not fused else y
 
 
 def _high_precision_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

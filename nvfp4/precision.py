@@ -1,13 +1,13 @@
 """A run's numerics in one object: the GEMM format of its linear layers, the backend that runs
 it (Transformer Engine or the emulation) and why, and the autocast dtype of its activations."""
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
 
 from . import te_backend
-from .formats import FP8Recipe, NVFP4Recipe
+from .formats import FP8Recipe, NativeFP8Recipe, NVFP4Recipe
 from .linear import LayerFactory, Recipe
 
 PRECISIONS = ("fp32", "bf16", "fp8", "nvfp4")
@@ -34,7 +34,7 @@ class Precision:
     def resolve(cls, name: str, device: torch.device, backend: str = "auto", amp: bool = True,
                 recipe: Optional[Recipe] = None, keep_high_precision=(), te_import=te_backend.import_te):
         """backend: auto (TE where it imports and the device runs the recipe, else the
-        emulation), te (raises BackendError where TE cannot run it) or emulated. recipe: the
+        emulation; FP8's with native FP8 GEMMs where the GPU has FP8 tensor cores), te (raises BackendError where TE cannot run it) or emulated. recipe: the
         quantization recipe of fp8/nvfp4 (default: TE's defaults). AMP runs in bf16 where the
         device has it, else in fp16 (which needs a GradScaler)."""
         if name not in PRECISIONS:
@@ -43,6 +43,9 @@ class Precision:
         if recipe is not None and recipe.name != name:
             raise ValueError(f"a {recipe.name} recipe cannot run precision {name}")
         kind, label, reason = _select_backend(backend, name, recipe is not None, device, te_import)
+        if name == "fp8" and kind == "torch" and backend == "auto" and native_fp8(device):
+            recipe = NativeFP8Recipe(**asdict(recipe))
+            label = "FP8 GEMMs on FP8 tensor cores (torch._scaled_mm), TE's current scaling in PyTorch"
         amp_dtype = None
         if amp:
             bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
@@ -86,6 +89,11 @@ class Precision:
         if isinstance(self.recipe, NVFP4Recipe):
             lines.append(self.recipe.describe())
         return lines
+
+
+def native_fp8(device: torch.device) -> bool:
+    """Whether torch._scaled_mm multiplies FP8 on this device's tensor cores (sm_89 and newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _select_backend(requested: str, name: str, quantized: bool, device, te_import):

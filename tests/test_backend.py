@@ -52,6 +52,21 @@ def test_auto_picks_te_where_the_gpu_runs_the_recipe(gpu):
     assert select_backend("auto", "fp8", CUDA, FAKE_TE)[0] == "torch"
 
 
+def test_auto_runs_fp8_gemms_on_fp8_tensor_cores_without_te(gpu):
+    """No TE on an sm_89+ GPU: auto keeps TE's recipe (and its backward_override) and runs the
+    GEMMs with torch._scaled_mm; emulated and older GPUs multiply on bf16 tensor cores."""
+    from nvfp4 import FP8Recipe
+    gpu(9, 0)
+    native = Precision.resolve("fp8", CUDA, amp=False, recipe=FP8Recipe(backward_override="dequantized"), te_import=NO_TE)
+    assert native.recipe.native and native.recipe.backward_override == "dequantized" and native.backend == "torch"
+    assert "torch._scaled_mm" in native.describe()[0] and "does not import" in native.describe()[0]
+    assert not Precision.resolve("fp8", CUDA, backend="emulated", amp=False, te_import=NO_TE).recipe.native
+    gpu(8, 0)
+    old = Precision.resolve("fp8", CUDA, amp=False, te_import=NO_TE)
+    assert not old.recipe.native and "emulated FP8" in old.describe()[0]
+    assert not Precision.resolve("fp8", CPU, amp=False, te_import=NO_TE).recipe.native
+
+
 def test_high_precision_and_emulated_never_need_te():
     for precision in ("fp32", "bf16"):
         assert select_backend("auto", precision, CPU, NO_TE) == ("torch", f"backend: PyTorch {precision}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from nvfp4 import FP8Recipe, NVFP4Recipe, LayerFactory, collect_fp4_stats, quantized_linear
+from nvfp4 import FP8Recipe, NativeFP8Recipe, NVFP4Recipe, LayerFactory, collect_fp4_stats, quantized_linear
 from nvfp4.formats import (NVFP4_ALPHA_DENOM, quantize_fp8, quantize_nvfp4,
                            random_hadamard_transform)
 from nvfp4.linear import LayerNormMLP, Linear
@@ -59,17 +59,43 @@ def test_rht_cancels_in_wgrad():
     assert max(errors) < 0.25
 
 
-def test_fp8_gemms_equal_manual_computation():
+@pytest.mark.parametrize("recipe", [FP8Recipe(), NativeFP8Recipe()], ids=["emulated", "native"])
+def test_fp8_gemms_equal_manual_computation(recipe, monkeypatch):
+    """Both FP8 paths: the emulation's bf16/fp32 GEMMs and torch._scaled_mm on the FP8 operands
+    (here CPU's _scaled_mm; on GPUs test_native_fp8_agrees_with_the_emulation_on_cuda)."""
+    real, calls = torch._scaled_mm, []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
     x, w, b, dy = inputs()
-    y, dx, dw, db = run_linear(FP8Recipe(), x, w, b, dy)
+    y, dx, dw, db = run_linear(recipe, x, w, b, dy)
+    assert calls == ([torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e5m2] if recipe.native else [])
+    # CPU's _scaled_mm applies scales other than 1 to about 1e-4 (its kernel, not the recipe's)
+    rtol = 1e-4 if recipe.native else 1e-6
     qx, qw = quantize_fp8(x, torch.float8_e4m3fn), quantize_fp8(w, torch.float8_e4m3fn)
     qdy = quantize_fp8(dy, torch.float8_e5m2)
     torch.testing.assert_close(y.double(), gemm64(qx.values, qx.scale_inv, qw.values, qw.scale_inv, 1) + b.double(),
-                               rtol=1e-6, atol=1e-6)
+                               rtol=rtol, atol=1e-6)
     torch.testing.assert_close(dx.double(), gemm64(qdy.values, qdy.scale_inv, qw.values.t(), qw.scale_inv, 1),
-                               rtol=1e-6, atol=1e-9)
+                               rtol=rtol, atol=1e-9)
     torch.testing.assert_close(dw.double(), gemm64(qdy.values.t(), qdy.scale_inv, qx.values.t(), qx.scale_inv, 1),
-                               rtol=1e-6, atol=1e-9)
+                               rtol=rtol, atol=1e-9)
+
+
+def test_native_fp8_takes_the_emulated_gemm_where_cublas_cannot(monkeypatch):
+    """torch._scaled_mm needs dimensions that are multiples of 16: a 40-token GEMM multiplies the
+    same FP8 values as the emulation, and gives its result."""
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: pytest.fail("_scaled_mm on a 40-row operand"))
+    x, w, b, dy = inputs(m=40)
+    for got, want in zip(run_linear(NativeFP8Recipe(), x, w, b, dy), run_linear(FP8Recipe(), x, w, b, dy)):
+        assert torch.equal(got, want)
+
+
+def test_native_fp8_bias_rounds_once_in_bf16():
+    """A bf16 output takes the bias in cuBLAS's epilogue (one rounding), as the emulation adds it
+    to the fp32 product before its one rounding."""
+    x, w, b, dy = (t.bfloat16() for t in inputs(m=64, k=64, n=32))
+    qx, qw = quantize_fp8(x, torch.float8_e4m3fn), quantize_fp8(w, torch.float8_e4m3fn)
+    want = (gemm64(qx.values, qx.scale_inv, qw.values, qw.scale_inv, 1) + b.double()).to(torch.bfloat16)
+    assert torch.equal(run_linear(NativeFP8Recipe(), x, w, b, dy)[0], want)
 
 
 def test_against_te_reference_gemms(te_reference):
@@ -209,6 +235,26 @@ def test_cuda_compiled_operands_are_bitwise_eager():
     for (eager, eager_amax), (compiled, compiled_amax) in zip(operands(x), torch.compile(operands)(x)):
         assert torch.equal(eager.view(torch.int16), compiled.view(torch.int16))
         assert torch.equal(eager_amax, compiled_amax)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_fp8_agrees_with_the_emulation_on_cuda(dtype):
+    """torch._scaled_mm on FP8 tensor cores against the emulation's bf16 GEMMs of the same FP8
+    values: the same products, summed in another order (and by Hopper's FP8 MMA, which keeps
+    fewer accumulator bits between cuBLAS's promotions to fp32), so equal to ~1e-4 in fp32 and
+    to one bf16 rounding; eager and compiled."""
+    x, w, b, dy = (t.cuda().to(dtype) for t in inputs(m=256, k=384, n=128))
+    native, emulated = run_linear(NativeFP8Recipe(), x, w, b, dy), run_linear(FP8Recipe(), x, w, b, dy)
+    rtol = 1e-4 if dtype == torch.float32 else 2 ** -7
+    for got, want in zip(native, emulated):
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-6)
+    compiled = torch.compile(lambda x, w, b: quantized_linear(x, w, b, NativeFP8Recipe()))
+    xx = x.clone().requires_grad_()
+    y = compiled(xx, w, b)
+    y.backward(dy)
+    torch.testing.assert_close(y.detach().float(), native[0].float(), rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(xx.grad.float(), native[1].float(), rtol=rtol, atol=1e-6)
 
 
 def cuda_matches_cpu(recipe):
