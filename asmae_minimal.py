@@ -2337,6 +2337,24 @@ def time_steps(train_step: TrainStep, batches, loader, steps: int, first: int, l
     return {"wall_ms": (time.perf_counter() - t0) * 1e3, "gpu_ms": start.elapsed_time(end), "data_ms": data_ms}
 
 
+@torch.compiler.set_stance("force_eager")
+def memory_parts(train_step: TrainStep, batch) -> dict:
+    """GiB of the static part of a step's memory (parameters, their gradients, optimizer state)
+    and of what the linear layers save for backward in one forward pass of `batch`, by operand
+    (x: the inputs' copies, w: the weights'); an eager pass, where the layers count it."""
+    gib = lambda tensors: sum(t.numel() * t.element_size() for t in tensors) / 2 ** 30
+    params = list(train_step.model.parameters())
+    state = [v for s in train_step.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    devices = [train_step.device] if train_step.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), nvfp4.linear.count_saved_bytes() as saved:
+        with train_step.precision.autocast():
+            train_step.model(*batch)  # the graph (and what it saved) is freed on return
+    parts = {"params_gib": gib(params), "grads_gib": gib(p for p in params if p.requires_grad),
+             "optimizer_gib": gib(state)}
+    return {"static_mem_gib": sum(parts.values()), **parts,
+            "saved_x_gib": saved["x"] / 2 ** 30, "saved_w_gib": saved["w"] / 2 ** 30}
+
+
 def run_benchmark(config: Config, steps: int, synthetic: bool, warmup_steps=20) -> dict:
     """--benchmark N: warm up (compile), time N steps; img/s, step ms, peak memory, data wait, MFU."""
     device, o, m = torch.device(config.run.device), config.optim, config.model
@@ -2357,19 +2375,27 @@ def run_benchmark(config: Config, steps: int, synthetic: bool, warmup_steps=20) 
         stop_compile_workers()
     torch.cuda.reset_peak_memory_stats(device)
     t = time_steps(train_step, batches, loader, steps, warmup_steps, o.peak_lr)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    memory = memory_parts(train_step, next(batches))
     peak_tflops, flops = measure_bf16_peak(device), flops_per_image(m)
     img_s = o.batch_size * steps / (t["wall_ms"] / 1e3)
     result = {"precision": config.precision.name, "backend": train_step.precision.backend_name,
               "mode": "model only (synthetic batch)" if synthetic else f"end to end ({config.data.loader} loader)",
               "batch": o.batch_size, "img_size": m.img_size, "patch_size": m.patch_size, "model": m.preset,
               "compile": config.run.compile, "img_per_s": img_s, "step_ms": t["wall_ms"] / steps,
-              "gpu_step_ms": t["gpu_ms"] / steps, "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+              "gpu_step_ms": t["gpu_ms"] / steps, "peak_mem_gib": peak, **memory,
+              "activation_mem_gib": peak - memory["static_mem_gib"],
               "data_wait_pct": 100 * t["data_ms"] / t["gpu_ms"], "warmup_s": warmup_s, "gflop_per_img": flops / 1e9,
               "bf16_peak_tflops": peak_tflops, "mfu_pct": 100 * flops * img_s / (peak_tflops * 1e12)}
     print(f"[benchmark] FLOPs/img = 3 x (enc: depth x (2 T_e (4 D^2 + 2 D H) + 4 T_e^2 D) + dec: same with "
           f"T_d, D_d, H_d + embed/pred matmuls), T_e = visible + 1, T_d = patches + 1 -> {flops / 1e9:.3f} GFLOP")
     for key, value in result.items():
         print(f"[benchmark] {key:18s} {value:.3f}" if isinstance(value, float) else f"[benchmark] {key:18s} {value}")
+    r = result
+    print(f"[benchmark] memory: peak {peak:.3f} GiB = static {r['static_mem_gib']:.3f} (parameters "
+          f"{r['params_gib']:.3f}, gradients {r['grads_gib']:.3f}, optimizer state {r['optimizer_gib']:.3f}) + "
+          f"activations {r['activation_mem_gib']:.3f}; the linear layers save {r['saved_x_gib']:.3f} GiB of x "
+          f"copies and {r['saved_w_gib']:.3f} GiB of w copies for backward")
     out = Path(config.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)  # check_writable ran before the warm-up
     with open(out / "benchmarks.jsonl", "a") as f:

@@ -34,6 +34,26 @@ except ImportError:
 
 Recipe = Union[NVFP4Recipe, FP8Recipe]
 _active_stats = None  # an FP4Stats while `collect_fp4_stats` is active (eager passes only)
+_saved_bytes = None  # {"x": bytes, "w": bytes} while `count_saved_bytes` is active (eager passes only)
+
+
+@contextmanager
+def count_saved_bytes():
+    """Count the bytes that the linear layers' forward passes inside save for their backward, by
+    operand: x (the input's copy: quantized, dequantized or as it came) and w (the weight's).
+    Eager passes only: the counting is Python code of the layers."""
+    global _saved_bytes
+    _saved_bytes = counts = {"x": 0, "w": 0}
+    try:
+        yield counts
+    finally:
+        _saved_bytes = None
+
+
+def _count_saved(x_tensors, w_tensors):
+    if _saved_bytes is not None:
+        for kind, tensors in (("x", x_tensors), ("w", w_tensors)):
+            _saved_bytes[kind] += sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class Operand(NamedTuple):
@@ -190,12 +210,14 @@ class _QuantizedLinearFn(torch.autograd.Function):
         y = _gemm(xq, Operand(wq.values.t(), wq.factor, wq.e4m3_max), bias, x.dtype)
         if quantized_backward:
             xt, wt = xt or Operand(None, None), wt or Operand(None, None)
-            ctx.save_for_backward(xt.values, xt.factor, wt.values, wt.factor)
+            saved_x, saved_w = (xt.values, xt.factor), (wt.values, wt.factor)
             ctx.e4m3_maxes = (xt.e4m3_max, wt.e4m3_max)
         elif dequantized:
-            ctx.save_for_backward(x_deq, w_deq)
+            saved_x, saved_w = (x_deq,), (w_deq,)
         else:
-            ctx.save_for_backward(x if need_dw else None, weight if need_dx else None)
+            saved_x, saved_w = (x if need_dw else None,), (weight if need_dx else None,)
+        ctx.save_for_backward(*saved_x, *saved_w)
+        _count_saved(saved_x, saved_w)
         ctx.recipe, ctx.name, ctx.need_dx, ctx.need_dw = recipe, name, need_dx, need_dw
         ctx.need_db = bias is not None and bias.requires_grad
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
@@ -234,6 +256,10 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     Under autocast the input is cast to the autocast dtype, as F.linear would be; the weight
     is quantized from its own (master) dtype, as TE does."""
     if recipe is None:
+        if _saved_bytes is not None and torch.is_grad_enabled():  # autograd saves each operand the other's gradient needs, as cast
+            cast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+            _saved_bytes["x"] += x.numel() * (cast or x.dtype).itemsize if weight.requires_grad else 0
+            _saved_bytes["w"] += weight.numel() * (cast or weight.dtype).itemsize if x.requires_grad else 0
         return F.linear(x, weight, bias)
     if not x.is_floating_point():
         raise TypeError(f"{name}: quantized linear needs a floating-point input, got {x.dtype}")

@@ -201,3 +201,29 @@ def test_wandb_receives_the_metrics(tmp_path, monkeypatch):
     cli(tmp_path, "--dataset", "folder", "--data-root", str(data), "--epochs", "1", "--use-wandb", run_name="wb")
     assert inits[0]["project"] == "nvfp4-mae" and inits[0]["config"]["dataset"] == "folder"
     assert any("step/loss" in data for _, data in logged) and any("epoch/loss" in data for _, data in logged)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "nvfp4"])
+def test_memory_parts_of_the_benchmark_report(precision):
+    """--benchmark's memory lines: parameters, gradients and AdamW's two moments (plus its step
+    counters) make the static part; the linear layers' saved copies are those of one forward."""
+    _, config = asmae_minimal.parse_config(["--device", "cpu", "--model", "tiny", "--precision", precision,
+                                            "--batch-size", "16", "--no-compile"])
+    step = asmae_minimal.TrainStep(config, torch.device("cpu"))
+    m = config.model
+    batch = (torch.randn(16, 3, m.img_size, m.img_size), torch.rand(16, m.num_patches))
+    step(*batch, 1e-4, 1)  # the optimizer's state exists after its first step
+    parts = asmae_minimal.memory_parts(step, batch)
+    param_bytes = sum(p.numel() * 4 for p in step.model.parameters())
+    assert parts["params_gib"] * 2 ** 30 == parts["grads_gib"] * 2 ** 30 == param_bytes
+    counters = 4 * len(list(step.model.parameters()))
+    assert parts["optimizer_gib"] * 2 ** 30 == 2 * param_bytes + counters
+    assert parts["static_mem_gib"] == pytest.approx(parts["params_gib"] * 2 + parts["optimizer_gib"])
+    # every linear layer's x copy (tokens x in, fp32 values on CPU, plus a 4-byte amax when quantized)
+    def tokens(name):  # the visible patches, then with the cls token; the decoder: every patch + cls
+        return 16 * (m.num_visible if name == "patch_embed" else m.num_visible + 1 if name.startswith(
+            ("blocks", "decoder_embed")) else m.num_patches + 1)
+    gemms = step.model.gemms
+    assert parts["saved_x_gib"] * 2 ** 30 == sum(tokens(name) * k * 4 + 4 * q for name, k, _, q in gemms)
+    # W for dX: every layer but patch_embed (the pixels need no gradient); W^T copies are W's size
+    assert parts["saved_w_gib"] * 2 ** 30 == sum(k * n * 4 + 4 * q for name, k, n, q in gemms if name != "patch_embed")

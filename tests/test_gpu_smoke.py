@@ -100,3 +100,19 @@ def test_gpu_tensor_loader_draws_the_cpu_loaders_batches(randaugment):
             assert ((x_gpu - x_cpu).abs() <= 1e-4).float().mean() > 0.999
         else:
             torch.testing.assert_close(x_gpu, x_cpu, atol=1e-4, rtol=0)
+
+
+@requires_cuda
+def test_benchmark_reports_memory_parts_and_fp8_saves_one_byte_copies(tmp_path, capsys):
+    """--benchmark's memory report on the GPU: peak = static + activations, and native FP8's saved
+    x copies (one byte a value) at about half of bf16's (two bytes)."""
+    results = {}
+    for precision in ("bf16", "fp8"):
+        results[precision] = asmae_minimal.main([
+            "--dataset", "fake", "--model", "tiny", "--precision", precision, "--amp", "--no-compile",
+            "--batch-size", "64", "--benchmark", "3", "--benchmark-synthetic", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count("[benchmark] memory: peak") == 2 and "torch._scaled_mm" in out
+    for r in results.values():
+        assert r["activation_mem_gib"] > 0 and r["peak_mem_gib"] == pytest.approx(r["static_mem_gib"] + r["activation_mem_gib"])
+    assert 0.45 < results["fp8"]["saved_x_gib"] / results["bf16"]["saved_x_gib"] < 0.55

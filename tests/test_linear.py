@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
+import nvfp4
 from nvfp4 import FP8Recipe, NativeFP8Recipe, NVFP4Recipe, LayerFactory, collect_fp4_stats, quantized_linear
 from nvfp4.formats import (NVFP4_ALPHA_DENOM, quantize_fp8, quantize_nvfp4,
                            random_hadamard_transform)
@@ -96,6 +97,27 @@ def test_native_fp8_bias_rounds_once_in_bf16():
     qx, qw = quantize_fp8(x, torch.float8_e4m3fn), quantize_fp8(w, torch.float8_e4m3fn)
     want = (gemm64(qx.values, qx.scale_inv, qw.values, qw.scale_inv, 1) + b.double()).to(torch.bfloat16)
     assert torch.equal(run_linear(NativeFP8Recipe(), x, w, b, dy)[0], want)
+
+
+@pytest.mark.parametrize("recipe, x_bytes, w_bytes", [
+    # the columnwise copies (values in the GEMM dtype, fp32 on CPU, and a 4-byte amax)
+    (RN, 4 * 64 * 32 + 4, 4 * 48 * 32 + 4),
+    (FP8Recipe(), 4 * 64 * 32 + 4, 4 * 48 * 32 + 4),
+    (NativeFP8Recipe(), 64 * 32 + 4, 48 * 32 + 4),  # one byte an FP8 value
+    (NVFP4Recipe(backward_override="dequantized"), 4 * 64 * 32, 4 * 48 * 32),
+    (NVFP4Recipe(backward_override="high_precision"), 4 * 64 * 32, 4 * 48 * 32),
+    (None, 4 * 64 * 32, 4 * 48 * 32)], ids=["nvfp4", "fp8", "fp8-native", "dequantized", "high_precision", "fp32"])
+def test_count_saved_bytes_counts_what_backward_keeps(recipe, x_bytes, w_bytes):
+    x, w, b, _ = inputs()
+    x, w = x.requires_grad_(), w.requires_grad_()
+    with nvfp4.linear.count_saved_bytes() as saved:
+        quantized_linear(x, w, b, recipe)
+        with torch.no_grad():  # nothing saved
+            quantized_linear(x, w, b, recipe)
+    assert saved == {"x": x_bytes, "w": w_bytes}
+    with nvfp4.linear.count_saved_bytes() as saved, torch.autocast("cpu", dtype=torch.bfloat16):
+        quantized_linear(x, w.detach(), b, None)  # no dW: only W's bf16 copy, for dX
+    assert saved == {"x": 0, "w": 2 * 48 * 32}
 
 
 def test_against_te_reference_gemms(te_reference):
