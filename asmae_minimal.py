@@ -2341,7 +2341,9 @@ def time_steps(train_step: TrainStep, batches, loader, steps: int, first: int, l
 def memory_parts(train_step: TrainStep, batch) -> dict:
     """GiB of the static part of a step's memory (parameters, their gradients, optimizer state)
     and of what the linear layers save for backward in one forward pass of `batch`, by operand
-    (x: the inputs' copies, w: the weights'); an eager pass, where the layers count it."""
+    (x: the inputs' copies, w: the weights'); an eager pass, where the layers count it (a
+    compiled step can save less: its partitioner may recompute a cheap producer, such as a
+    LayerNorm or a cast, in backward rather than keep its output)."""
     gib = lambda tensors: sum(t.numel() * t.element_size() for t in tensors) / 2 ** 30
     params = list(train_step.model.parameters())
     state = [v for s in train_step.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
@@ -2366,6 +2368,9 @@ def run_benchmark(config: Config, steps: int, synthetic: bool, warmup_steps=20) 
     batches, loader = benchmark_batches(config, synthetic)
     for line in train_step.precision.describe(train_step.model.gemms):
         print(f"[precision] {line}")
+    # The peak covers the warm-up: a CUDA-graphed step allocates its activations once, in the
+    # capture (step 3), and its replays take them from the graph's pool without the allocator.
+    torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for n in range(warmup_steps):
         train_step(*next(batches), o.peak_lr, n)
@@ -2373,7 +2378,6 @@ def run_benchmark(config: Config, steps: int, synthetic: bool, warmup_steps=20) 
     warmup_s = time.perf_counter() - t0
     if config.run.compile:
         stop_compile_workers()
-    torch.cuda.reset_peak_memory_stats(device)
     t = time_steps(train_step, batches, loader, steps, warmup_steps, o.peak_lr)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
     memory = memory_parts(train_step, next(batches))
