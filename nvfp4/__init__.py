@@ -13,6 +13,6 @@ from .precision import PRECISIONS, Precision
 from .shapes import gemm_shape_error
 from .te_backend import BackendError
 
-__all__ = ["FP8Recipe", "NativeFP8Recipe", "NVFP4Recipe", "fake_quantize", "quantize_fp8", "quantize_nvfp4", "LayerFactory",
-           "collect_fp4_stats", "quantized_linear", "PRECISIONS", "Precision", "gemm_shape_error",
+__all__ = ["FP8Recipe", "NativeFP8Recipe", "NVFP4Recipe", "fake_quantize", "quantize_fp8", "quantize_nvfp4",
+           "LayerFactory", "collect_fp4_stats", "quantized_linear", "PRECISIONS", "Precision", "gemm_shape_error",
            "BackendError"]

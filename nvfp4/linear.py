@@ -175,7 +175,8 @@ def _fp8_mm(a: Operand, b_t: Operand, bias, out_dtype):
     (m, k), n = a.values.shape, b_t.values.shape[1]
     if m % 16 or k % 16 or n % 16:
         exact = _gemm_dtype(a.values)
-        return _gemm(Operand(a.values.to(exact), a.factor), Operand(b_t.values.to(exact), b_t.factor), bias, out_dtype)
+        return _gemm(Operand(a.values.to(exact), a.factor), Operand(b_t.values.to(exact), b_t.factor), bias,
+                     out_dtype)
     # cuBLAS adds a bias in its epilogue only for 16-bit outputs; an fp32 output adds it after,
     # in fp32, where the emulation adds it too
     fused = bias is not None and out_dtype != torch.float32
@@ -256,7 +257,8 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     Under autocast the input is cast to the autocast dtype, as F.linear would be; the weight
     is quantized from its own (master) dtype, as TE does."""
     if recipe is None:
-        if _saved_bytes is not None and torch.is_grad_enabled():  # autograd saves each operand the other's gradient needs, as cast
+        if _saved_bytes is not None and torch.is_grad_enabled():  # autograd keeps, as cast, each
+            # operand the other one's gradient needs
             cast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
             _saved_bytes["x"] += x.numel() * (cast or x.dtype).itemsize if weight.requires_grad else 0
             _saved_bytes["w"] += weight.numel() * (cast or weight.dtype).itemsize if x.requires_grad else 0

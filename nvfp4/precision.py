@@ -34,9 +34,10 @@ class Precision:
     def resolve(cls, name: str, device: torch.device, backend: str = "auto", amp: bool = True,
                 recipe: Optional[Recipe] = None, keep_high_precision=(), te_import=te_backend.import_te):
         """backend: auto (TE where it imports and the device runs the recipe, else the
-        emulation; FP8's with native FP8 GEMMs where the GPU has FP8 tensor cores), te (raises BackendError where TE cannot run it) or emulated. recipe: the
-        quantization recipe of fp8/nvfp4 (default: TE's defaults). AMP runs in bf16 where the
-        device has it, else in fp16 (which needs a GradScaler)."""
+        emulation, whose FP8 GEMMs run on FP8 tensor cores where the GPU has them), te (raises
+        BackendError where TE cannot run it) or emulated. recipe: the quantization recipe of
+        fp8/nvfp4 (default: TE's defaults). AMP runs in bf16 where the device has it, else in fp16
+        (which needs a GradScaler)."""
         if name not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
         recipe = recipe or DEFAULT_RECIPES.get(name)
