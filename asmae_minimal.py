@@ -1330,6 +1330,7 @@ class TrainingLoop:
         self._announce(resume_changes, ckpt is not None)
         f = config.precision.high_precision_from  # the last step in the run's precision
         self.high_precision_step = None if f is None else math.floor(f * config.optim.epochs * len(self.loader))
+        self.workers_stop_step = None if f is None else self.high_precision_step + 3  # once it recompiled
         if self.high_precision_step is not None and self.progress.step > self.high_precision_step:
             self._switch_precision(resumed=True)
 
@@ -1431,7 +1432,7 @@ class TrainingLoop:
             bar.update(1)
             if p.step == 3 and "warmup_s" not in self.summary:
                 self._report_warmup()
-            elif self.config.run.compile and p.step == (self.high_precision_step or -3) + 3:
+            elif self.config.run.compile and p.step == self.workers_stop_step:
                 stop_compile_workers()  # the switch's recompile started them again (see the function)
             if b == first:  # the bar shows loss and lr from its first step on (one sync an epoch)
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(p.step - 1, steps, o):.2e}")
@@ -2103,7 +2104,8 @@ COMPARE_METRICS = {  # key -> (column, format)
 }
 
 
-CELL_TIMES = ("warmup_s", "cell_wall_s")  # first 3 steps (compile), and the cell (this session's part)
+# a cell's first 3 steps (its compile), and its wall time in the process that finished it
+CELL_TIMES = ("warmup_s", "cell_wall_s")
 
 
 def compare_report(results: dict, variants: tuple, seeds: tuple) -> dict:
