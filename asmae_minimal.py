@@ -2136,7 +2136,19 @@ def compare_report(results: dict, variants: tuple, seeds: tuple) -> dict:
         report["variants"][label] = row
         if label != reference:
             report["differences"][label] = diff
+    report["closest"] = closest_variants(report["differences"])
     return report
+
+
+def closest_variants(differences: dict, key: str = "final_loss") -> dict:
+    """Per precision with a variant other than the reference: the variant whose mean paired
+    difference in `key` is smallest in size, with that difference (CI and whether it excludes 0)."""
+    closest = {}
+    for label, diff in differences.items():
+        best = closest.get(label.split(":")[0])
+        if key in diff and (best is None or abs(diff[key]["mean"]) < abs(best[key]["mean"])):
+            closest[label.split(":")[0]] = {"variant": label, key: diff[key]}
+    return closest
 
 
 def write_compare_table(report: dict, path: Path, config: Config, seeds: tuple):
@@ -2163,6 +2175,15 @@ def write_compare_table(report: dict, path: Path, config: Config, seeds: tuple):
                 lo, hi = (fmt.format(v) for v in d["ci95"])
                 out.append(f"{fmt.format(d['mean'])} ({d['relative']:+.1%}) [{lo}, {hi}]{' *' if d['excludes_zero'] else ''}")
         lines.append(f"| {label} | " + " | ".join(out) + " |")
+    for precision, best in report["closest"].items():
+        d = best["final_loss"]
+        if "ci95" in d:
+            ci = " [{:+.4f}, {:+.4f}]".format(*d["ci95"])
+            verdict = "significant (the CI excludes 0)" if d["excludes_zero"] else "not significant (the CI includes 0)"
+        else:
+            ci, verdict = "", "1 seed, no CI"
+        lines.append(f"\nClosest {precision} variant to {ref} in final loss: {best['variant']}, "
+                     f"{d['mean']:+.4f} ({d['relative']:+.1%}){ci}: {verdict}.")
     d, m, o = config.data, config.model, config.optim
     lines.append(f"\n{d.dataset}, model {m.preset}, {m.img_size}px/patch {m.patch_size}, {o.epochs} epochs, batch "
                  f"{o.batch_size}, seeds {', '.join(map(str, seeds))}; loss = mean masked MSE of the last epoch; "

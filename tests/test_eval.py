@@ -100,6 +100,10 @@ def test_compare_sweep_reports_means_paired_cis_and_figures(tmp_path):
             assert entry["excludes_zero"] == (abs(mean) > half)
             values = [float(cells[(label, s)][key]) for s in (0, 1)]
             assert report["variants"][label][key]["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    gaps = {label: abs(report["differences"][label]["final_loss"]["mean"]) for label in ("nvfp4", "nvfp4:no-rht:no-2d-weights")}
+    closest = min(gaps, key=gaps.get)
+    assert report["closest"] == {"nvfp4": {"variant": closest, "final_loss": report["differences"][closest]["final_loss"]}}
+    assert f"Closest nvfp4 variant to fp32 in final loss: {closest}, " in (folder / "table.md").read_text()
     for (label, seed), row in cells.items():  # img/s: the median epoch's (one epoch compiles), per cell
         epochs = [json.loads(line) for line in (root / asmae_minimal.cell_folder(label, seed) / "metrics.jsonl").open()]
         speeds = sorted(r["img_per_s"] for r in epochs if r["type"] == "epoch")
