@@ -13,7 +13,9 @@ alpha = amax_a * amax_b / (6 * 6 * 448 * 448) (FP8: scale_inv_a * scale_inv_b) a
 The recipe's other switches (NVFP4Recipe.quantizer) change how each operand is quantized:
 4over6 blocks and a 256 bound in place of 448 (forward operands), one amax per row (the input's
 copies: alpha then has one factor per output row in fprop, per output column in wgrad);
-backward_override replaces the quantized dgrad/wgrad by unquantized GEMMs.
+backward_override replaces the quantized dgrad/wgrad by unquantized GEMMs. For backward the
+PyTorch path keeps the columnwise NVFP4 copies in TE's bytes (PackedOperand); the GPU kernels'
+copies are kept as bf16 values.
 """
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import (FP8Recipe, NVFP4Quantizer, NVFP4Recipe, NVFP4Tensor, alpha_denom, quantize_fp8,
-                      quantize_nvfp4, random_bits, random_hadamard_transform)
+                      quantize_nvfp4, random_bits, random_hadamard_transform, unpack_e2m1)
 from .shapes import gemm_shape_error, rows_of
 
 try:  # the fused GPU kernel; PyTorch's reference implementation runs everywhere else
@@ -65,12 +67,37 @@ class Operand(NamedTuple):
     e4m3_max: Optional[int] = None
 
 
+class PackedOperand(NamedTuple):
+    """An NVFP4 copy as TE stores it (NVFP4Tensor.packed: uint8 data, two E2M1 codes a byte, and
+    E4M3 block scales) with its amax: how the PyTorch path keeps a columnwise copy for backward.
+    `transposed`: the GEMM operand is the transpose of the stored matrix (a 16x16-tile weight,
+    whose columnwise copy is its rowwise one)."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    amax: torch.Tensor
+    e4m3_max: int
+    cols: int
+    transposed: bool = False
+
+    @classmethod
+    def of(cls, q: NVFP4Tensor, transposed: bool = False) -> "PackedOperand":
+        return cls(*q.packed(), q.amax, q.e4m3_max, q.codes.shape[1], transposed)
+
+    def operand(self) -> Operand:
+        """The exact GEMM operand (code x scale, in the GEMM dtype) of the stored bytes."""
+        q = NVFP4Tensor(unpack_e2m1(self.data, self.cols), self.scale.to(torch.float32), self.amax, self.e4m3_max)
+        values = q.values().to(_gemm_dtype(self.data))
+        return Operand(values.t() if self.transposed else values, self.amax, self.e4m3_max)
+
+
 def _quantize(recipe: Recipe, kind: str, t: torch.Tensor, name: str, rowwise: bool = True,
-              columnwise: bool = False, dequantized: bool = False):
+              columnwise: bool = False, dequantized: bool = False, packed: bool = False):
     """Quantize the GEMM operand t (kind: x, w or dy) into its rowwise copy (fprop, dgrad) and/or
     its columnwise copy: Q(t^T) (x, dy: Q(RHT(t^T))) in t^T's shape, the transposed operand of
-    the wgrad GEMM (of dgrad for W). Returns (rowwise, columnwise, dequantized): Operands or None,
-    and with `dequantized` the rowwise copy as TE's dequantize gives it, in t's dtype."""
+    the wgrad GEMM (of dgrad for W). Returns (rowwise, columnwise, dequantized): Operands or None
+    (packed: the PyTorch path's NVFP4 columnwise copy as a PackedOperand, TE's bytes, for a copy
+    kept for backward), and with `dequantized` the rowwise copy as TE's dequantize gives it, in
+    t's dtype."""
     if isinstance(recipe, FP8Recipe):  # per-tensor scaling: the transpose has the same values
         fp8 = torch.float8_e5m2 if kind == "dy" else torch.float8_e4m3fn
         q = quantize_fp8(t, fp8)
@@ -93,10 +120,12 @@ def _quantize(recipe: Recipe, kind: str, t: torch.Tensor, name: str, rowwise: bo
                 _active_stats.record(name, kind, t, q)
             row = Operand(q.values().to(_gemm_dtype(t)), q.amax, q.e4m3_max)
             deq = q.dequantize().to(t.dtype) if dequantized else None
+            if reuse and packed:
+                return row, PackedOperand.of(q, transposed=True), deq
         if columnwise:
             tt = t.t().contiguous()
             q = _quantize_2d(spec, random_hadamard_transform(tt) if spec.rht else tt)
-            col = Operand(q.values().to(_gemm_dtype(t)), q.amax, q.e4m3_max)
+            col = PackedOperand.of(q) if packed else Operand(q.values().to(_gemm_dtype(t)), q.amax, q.e4m3_max)
     return row, Operand(row.values.t(), row.factor, row.e4m3_max) if reuse else col, deq
 
 
@@ -205,14 +234,13 @@ class _QuantizedLinearFn(torch.autograd.Function):
         quantized_backward = override is None
         dequantized = override == "dequantized"
         xq, xt, x_deq = _quantize(recipe, "x", x, name, columnwise=need_dw and quantized_backward,
-                                  dequantized=need_dw and dequantized)
+                                  dequantized=need_dw and dequantized, packed=True)
         wq, wt, w_deq = _quantize(recipe, "w", weight, name, columnwise=need_dx and quantized_backward,
-                                  dequantized=need_dx and dequantized)
+                                  dequantized=need_dx and dequantized, packed=True)
         y = _gemm(xq, Operand(wq.values.t(), wq.factor, wq.e4m3_max), bias, x.dtype)
         if quantized_backward:
-            xt, wt = xt or Operand(None, None), wt or Operand(None, None)
-            saved_x, saved_w = (xt.values, xt.factor), (wt.values, wt.factor)
-            ctx.e4m3_maxes = (xt.e4m3_max, wt.e4m3_max)
+            (saved_x, x_layout), (saved_w, w_layout) = _kept(xt), _kept(wt)
+            ctx.layouts = (x_layout, w_layout, len(saved_x))
         elif dequantized:
             saved_x, saved_w = (x_deq,), (w_deq,)
         else:
@@ -230,14 +258,15 @@ class _QuantizedLinearFn(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dw = db = None
         if ctx.recipe.backward_override is None:
-            xt_values, xt_factor, wt_values, wt_factor = ctx.saved_tensors
-            xt_max, wt_max = ctx.e4m3_maxes
+            x_layout, w_layout, x_count = ctx.layouts
+            xt = _restored(ctx.saved_tensors[:x_count], x_layout)
+            wt = _restored(ctx.saved_tensors[x_count:], w_layout)
             dy_row, dy_col, _ = _quantize(ctx.recipe, "dy", dy, ctx.name, rowwise=ctx.need_dx,
                                           columnwise=ctx.need_dw)
             if ctx.need_dx:
-                dx = _gemm(dy_row, Operand(wt_values.t(), wt_factor, wt_max), None, ctx.x_dtype)
+                dx = _gemm(dy_row, Operand(wt.values.t(), wt.factor, wt.e4m3_max), None, ctx.x_dtype)
             if ctx.need_dw:  # TE's wgrad GEMM writes the activation dtype
-                dw = _gemm(dy_col, Operand(xt_values.t(), xt_factor, xt_max), None, ctx.x_dtype, wgrad=True)
+                dw = _gemm(dy_col, Operand(xt.values.t(), xt.factor, xt.e4m3_max), None, ctx.x_dtype, wgrad=True)
         else:
             x_saved, w_saved = ctx.saved_tensors
             if ctx.need_dx:
@@ -249,6 +278,20 @@ class _QuantizedLinearFn(torch.autograd.Function):
         if ctx.need_db:
             db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)  # from the unquantized dY, as TE
         return dx, dw, db, None, None, None, None
+
+
+def _kept(copy) -> tuple:
+    """(the tensors that keep a columnwise copy for backward, what rebuilds it from them)."""
+    if isinstance(copy, PackedOperand):
+        return (copy.data, copy.scale, copy.amax), ("packed", *copy[3:])
+    copy = copy or Operand(None, None)
+    return (copy.values, copy.factor), ("values", copy.e4m3_max)
+
+
+def _restored(tensors, layout) -> Optional[Operand]:
+    if layout[0] == "packed":
+        return PackedOperand(*tensors, *layout[1:]).operand()
+    return None if tensors[0] is None else Operand(*tensors, layout[1])
 
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -100,8 +100,10 @@ def test_native_fp8_bias_rounds_once_in_bf16():
 
 
 @pytest.mark.parametrize("recipe, x_bytes, w_bytes", [
-    # the columnwise copies (values in the GEMM dtype, fp32 on CPU, and a 4-byte amax)
-    (RN, 4 * 64 * 32 + 4, 4 * 48 * 32 + 4),
+    # NVFP4's columnwise copies in TE's bytes: half a byte a code, an E4M3 byte per block of 16,
+    # the fp32 amax (the 16x16-tile weight keeps its rowwise copy, the same values)
+    (RN, 64 * 32 // 2 + 64 * 32 // 16 + 4, 48 * 32 // 2 + 48 * 32 // 16 + 4),
+    # FP8's: values in the GEMM dtype (fp32 on CPU) and a 4-byte scale_inv
     (FP8Recipe(), 4 * 64 * 32 + 4, 4 * 48 * 32 + 4),
     (NativeFP8Recipe(), 64 * 32 + 4, 48 * 32 + 4),  # one byte an FP8 value
     (NVFP4Recipe(backward_override="dequantized"), 4 * 64 * 32, 4 * 48 * 32),

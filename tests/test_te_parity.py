@@ -233,6 +233,31 @@ def test_linear_gemms_against_te(te_reference, name, dtype):
     torch.testing.assert_close(db, dy.float().sum(0))
 
 
+@pytest.mark.parametrize("name", ["default", "no-rht", "no-2d", "row-scaled", "4over6-weights", "4over6-all-MSE"])
+def test_layer_keeps_te_bytes_for_backward(te_reference, name):
+    """What the layer saves for backward is TE's columnwise copies, byte for byte: RHT(X^T)'s
+    (X^T's without RHT) packed codes and E4M3 scales, and W's (a 16x16-tile W: its rowwise copy,
+    whose transpose is the columnwise one) with their amaxes; not bf16 values, not X."""
+    from nvfp4 import quantized_linear
+    recipe = RECIPES[name]
+    x, w, b, _ = layer_inputs(torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        quantized_linear(x.clone().requires_grad_(), w.clone().requires_grad_(), b, recipe)
+    x_data, x_scale, x_amax, w_data, w_scale, w_amax = saved
+    qx = te_quantizer_for(te_reference, recipe.quantizer("x")).quantize(x)
+    qw = te_quantizer_for(te_reference, recipe.quantizer("w")).quantize(w)
+    w_rowwise = recipe.quantizer("w").tile_rows == 16 and recipe.quantizer("w").four_over_six is None
+    te_w = (qw.data, qw.scale, qw.global_amax_row) if w_rowwise else (qw.data_t, qw.scale_t, qw.global_amax_col)
+    for (data, scale, amax), (te_data, te_scale, te_amax), what in (
+            ((x_data, x_scale, x_amax), (qx.data_t, qx.scale_t, qx.global_amax_col), "x"),
+            ((w_data, w_scale, w_amax), te_w, "w")):
+        rows, blocks = scale.shape
+        assert data.dtype == torch.uint8 and torch.equal(data, te_data[:rows]), what + " codes"
+        assert torch.equal(scale.view(torch.uint8), te_scale[:rows, :blocks].view(torch.uint8)), what + " scales"
+        assert torch.equal(amax.reshape(-1), te_amax.reshape(-1)), what + " amax"
+
+
 def te_dequantize(te_reference, q, rows, cols, rowwise=True):
     """TE's dequantize kernel on TE's reference bytes: code * ((scale * amax) * (1 / (6 * e4m3_max)))."""
     data, scale, amax = (q.data, q.scale, q.global_amax_row) if rowwise else (q.data_t, q.scale_t, q.global_amax_col)
