@@ -434,7 +434,11 @@ def parse_variant(label: str, ns: dict, device: torch.device) -> Config:
     parser.error = error
     given = vars(parser.parse_args(argv))
     try:
-        return validate(resolve_config({**variant_flags(ns, precision), **given}, precision, device))
+        config = validate(resolve_config({**variant_flags(ns, precision), **given}, precision, device))
+        # the model's own checks (layer patterns, GEMM shapes) before the first cell trains: on the
+        # meta device, which allocates nothing, with the emulated layers (TE's have the same names)
+        build_model(config.replace(backend="emulated"), torch.device("meta"), config.optim.batch_size)
+        return config
     except UsageError as problem:
         raise UsageError(f"--compare variant {label!r}: {problem}") from None
 
