@@ -2223,7 +2223,9 @@ def plot_loss_curves(results: dict, reference: str, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.3 * math.ceil(len(results) / 3)))
+    columns = min(3, len(results))  # of the legend under both panels
+    legend_rows = math.ceil(len(results) / columns)
+    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.3 * legend_rows))
     ref_steps, ref_losses, key = mean_curves(results[reference])
     for label, cells in results.items():
         steps, losses, _ = mean_curves(cells)
@@ -2243,9 +2245,8 @@ def plot_loss_curves(results: dict, reference: str, path: Path):
     gap_ax.axhline(0, color="black", linewidth=0.8)
     gap_ax.set(xlabel="step", ylabel=f"loss gap to {reference} (%)", title=f"relative gap to {reference}, paired by seed")
     # one legend under both panels (the variant strings are long; inside, they hide the curves)
-    columns = min(3, len(results))
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=columns, frameon=False)
-    fig.tight_layout(rect=(0, 0.055 * math.ceil(len(results) / columns), 1, 1))
+    fig.tight_layout(rect=(0, 0.055 * legend_rows, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -52,10 +52,14 @@ def count_saved_bytes():
         _saved_bytes = None
 
 
-def _count_saved(x_tensors, w_tensors):
+def _count_saved(x_bytes: int, w_bytes: int):
     if _saved_bytes is not None:
-        for kind, tensors in (("x", x_tensors), ("w", w_tensors)):
-            _saved_bytes[kind] += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        _saved_bytes["x"] += x_bytes
+        _saved_bytes["w"] += w_bytes
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class Operand(NamedTuple):
@@ -246,7 +250,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
         else:
             saved_x, saved_w = (x if need_dw else None,), (weight if need_dx else None,)
         ctx.save_for_backward(*saved_x, *saved_w)
-        _count_saved(saved_x, saved_w)
+        _count_saved(_nbytes(saved_x), _nbytes(saved_w))
         ctx.recipe, ctx.name, ctx.need_dx, ctx.need_dw = recipe, name, need_dx, need_dw
         ctx.need_db = bias is not None and bias.requires_grad
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
@@ -283,7 +287,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
 def _kept(copy) -> tuple:
     """(the tensors that keep a columnwise copy for backward, what rebuilds it from them)."""
     if isinstance(copy, PackedOperand):
-        return (copy.data, copy.scale, copy.amax), ("packed", *copy[3:])
+        return (copy.data, copy.scale, copy.amax), ("packed", copy.e4m3_max, copy.cols, copy.transposed)
     copy = copy or Operand(None, None)
     return (copy.values, copy.factor), ("values", copy.e4m3_max)
 
@@ -303,8 +307,8 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         if _saved_bytes is not None and torch.is_grad_enabled():  # autograd keeps, as cast, each
             # operand the other one's gradient needs
             cast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-            _saved_bytes["x"] += x.numel() * (cast or x.dtype).itemsize if weight.requires_grad else 0
-            _saved_bytes["w"] += weight.numel() * (cast or weight.dtype).itemsize if x.requires_grad else 0
+            _count_saved(x.numel() * (cast or x.dtype).itemsize if weight.requires_grad else 0,
+                         weight.numel() * (cast or weight.dtype).itemsize if x.requires_grad else 0)
         return F.linear(x, weight, bias)
     if not x.is_floating_point():
         raise TypeError(f"{name}: quantized linear needs a floating-point input, got {x.dtype}")

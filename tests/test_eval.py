@@ -223,7 +223,7 @@ def test_memory_parts_of_the_benchmark_report(precision):
     counters = 4 * len(list(step.model.parameters()))
     assert parts["optimizer_gib"] * 2 ** 30 == 2 * param_bytes + counters
     assert parts["static_mem_gib"] == pytest.approx(parts["params_gib"] * 2 + parts["optimizer_gib"])
-    # every linear layer's x copy (tokens x in, fp32 values on CPU, plus a 4-byte amax when quantized)
+    # every linear layer's x copy: tokens x in elements, kept as copy_bytes says
     def tokens(name):  # the visible patches, then with the cls token; the decoder: every patch + cls
         return 16 * (m.num_visible if name == "patch_embed" else m.num_visible + 1 if name.startswith(
             ("blocks", "decoder_embed")) else m.num_patches + 1)
