@@ -319,17 +319,49 @@ def _uniform(bits_ptr, seed_ptr, seed_offset, offsets, first_counter, mask, RAND
 
 
 @triton.jit
-def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_out_ptr, col_out_ptr, deq_out_ptr, rows, cols,
-                  ROWWISE: tl.constexpr, COLUMNWISE: tl.constexpr, RHT: tl.constexpr,
+def _nibbles(codes, scale):
+    """TE's 4-bit E2M1 codes (formats.pack_e2m1) of signed E2M1 values: the magnitude's index
+    on the grid 0, 0.5, 1, 1.5, 2, 3, 4, 6 plus 8 for a set sign bit; 0 in blocks whose scale is
+    NaN (the reference's codes there are NaN, which TE's cast writes as 0)."""
+    a = tl.abs(codes)
+    index = tl.where(a < 2.0, a * 2.0, tl.where(a < 4.0, a + 2.0, a * 0.5 + 4.0)).to(tl.int32)
+    sign = (codes.to(tl.int32, bitcast=True) >> 28) & 8
+    return tl.where(scale != scale, 0, index | sign)
+
+
+@triton.jit
+def _pack_pairs(nibbles):
+    """[R, C] nibbles -> [R, C // 2] bytes, the even column in the low nibble (TE's order)."""
+    R: tl.constexpr = nibbles.shape[0]
+    C: tl.constexpr = nibbles.shape[1]
+    low, high = tl.split(tl.reshape(nibbles, (R, C // 2, 2)))
+    return (low | (high << 4)).to(tl.uint8)
+
+
+@triton.jit
+def _e4m3_byte(scale):
+    """The float8_e4m3fn bits of a non-negative E4M3 value held in fp32 (NaN: 0x7F)."""
+    bits = scale.to(tl.int32, bitcast=True)
+    normal = ((((bits >> 23) & 0xFF) - 120) << 3) | ((bits >> 20) & 7)  # exponent bias 127 -> 7
+    subnormal = (scale * 512.0).to(tl.int32)  # multiples of 2^-9 below 2^-6
+    return tl.where(scale != scale, 0x7F, tl.where(scale < 0.015625, subnormal, normal)).to(tl.uint8)
+
+
+@triton.jit
+def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr,
+                  deq_out_ptr, rows, cols, ROWWISE: tl.constexpr, COLUMNWISE: tl.constexpr, RHT: tl.constexpr,
                   TILE_ROWS: tl.constexpr, RANDOM: tl.constexpr, FOUR_OVER_SIX: tl.constexpr,
                   E4M3_MAX: tl.constexpr, ROW_SCALED: tl.constexpr, DEQUANT: tl.constexpr,
                   BLOCK_C: tl.constexpr, PDL: tl.constexpr):
-    """One read of a [16, BLOCK_C] tile of x, up to two quantized copies (code * scale) written in
-    x's layout: ROWWISE: blocks of 16 along rows (TILE_ROWS=16: 16x16 tiles); COLUMNWISE: blocks
-    of 16 down columns, i.e. x^T's 1x16 blocks (RHT: of RHT(x^T)). Global amaxes: amax_ptr[0] and
-    [1], or (ROW_SCALED) one per row, amax_ptr[r], and one per column, amax_ptr[rows + c]. The GEMM
-    reads the columnwise copy as a transposed view. DEQUANT: the rowwise copy also as TE's
-    dequantize writes it, code * _dequant_scale, to deq_out_ptr."""
+    """One read of a [16, BLOCK_C] tile of x, up to two quantized copies in TE's bytes (uint8 data,
+    two E2M1 codes a byte, and E4M3 scale bytes, one per block): ROWWISE: blocks of 16 along rows
+    (TILE_ROWS=16: 16x16 tiles), data [rows, cols / 2], scales [rows, cols / 16]; COLUMNWISE:
+    blocks of 16 down columns, i.e. x^T's 1x16 blocks (RHT: of RHT(x^T)), stored as TE's
+    columnwise copy, the rowwise layout of x^T: data [cols, rows / 2], scales [cols, rows / 16].
+    Global amaxes: amax_ptr[0] and [1], or (ROW_SCALED) one per row, amax_ptr[r], and one per
+    column, amax_ptr[rows + c]. DEQUANT: the rowwise copy also as TE's dequantize writes it,
+    code * _dequant_scale, to deq_out_ptr, in x's layout."""
+    NB: tl.constexpr = BLOCK_C // 16
     r = tl.program_id(0) * 16 + tl.arange(0, 16)
     c0 = tl.program_id(1) * BLOCK_C
     c = c0 + tl.arange(0, BLOCK_C)
@@ -339,7 +371,7 @@ def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_out_ptr, col_out_ptr,
     if PDL:  # launched early: the amax kernel's results are visible from here on
         gdc_wait()
     if ROWWISE:
-        blocks = tl.reshape(x.to(tl.float32), (16, BLOCK_C // 16, 16))
+        blocks = tl.reshape(x.to(tl.float32), (16, NB, 16))
         block_amax = tl.max(tl.abs(blocks), axis=2, keep_dims=True)
         if TILE_ROWS == 16:  # 16x16 tiles: one amax for the tile's 16 rows
             block_amax = tl.max(block_amax, axis=0, keep_dims=True)
@@ -349,8 +381,14 @@ def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_out_ptr, col_out_ptr,
             amax = tl.load(amax_ptr)
         u = tl.reshape(_uniform(bits_ptr, seed_ptr, 0, offsets, (r * cols + c0) // 16, mask, RANDOM), blocks.shape)
         codes, scale = _quantize_blocks(blocks, block_amax, amax, u, RANDOM, FOUR_OVER_SIX, E4M3_MAX, TILE_ROWS)
-        tl.store(row_out_ptr + offsets, tl.reshape(codes * scale, (16, BLOCK_C)).to(row_out_ptr.dtype.element_ty),
-                 mask=mask)
+        scale = tl.broadcast_to(scale, (16, NB, 1))
+        nibbles = tl.reshape(_nibbles(codes, scale), (16, BLOCK_C))
+        byte_c = c0 // 2 + tl.arange(0, BLOCK_C // 2)
+        tl.store(row_data_ptr + r[:, None] * (cols // 2) + byte_c[None, :], _pack_pairs(nibbles),
+                 mask=(r[:, None] < rows) & (byte_c[None, :] < cols // 2))
+        block_c = c0 // 16 + tl.arange(0, NB)
+        tl.store(row_scale_ptr + r[:, None] * (cols // 16) + block_c[None, :], _e4m3_byte(tl.reshape(scale, (16, NB))),
+                 mask=(r[:, None] < rows) & (block_c[None, :] < cols // 16))
         if DEQUANT:
             deq = tl.reshape(codes * _dequant_scale(scale, amax, E4M3_MAX), (16, BLOCK_C))
             deq = _round_to(deq, deq_out_ptr.dtype.element_ty)  # to nearest even, also interpreted
@@ -367,12 +405,16 @@ def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_out_ptr, col_out_ptr,
             codes, scale = _four_over_six(tl.reshape(blocks, (BLOCK_C, 1, 16)), tl.reshape(block_amax, (BLOCK_C, 1, 1)),
                                           amax if not ROW_SCALED else tl.reshape(amax, (BLOCK_C, 1, 1)),
                                           FOUR_OVER_SIX == FOUR_OVER_SIX_MSE, E4M3_MAX, 1)
-            values = tl.reshape(codes * scale, (BLOCK_C, 16))
+            codes, scale = tl.reshape(codes, (BLOCK_C, 16)), tl.reshape(scale, (BLOCK_C, 1))
         else:
             scale, encode = _block_scales(block_amax, amax)
             u = _uniform(bits_ptr, seed_ptr, 1, tl.trans(offsets), tl.program_id(0) * cols + c, tl.trans(mask), RANDOM)
-            values = _round_blocks(blocks, encode, u, RANDOM) * scale
-        tl.store(col_out_ptr + tl.trans(offsets), values.to(col_out_ptr.dtype.element_ty), mask=tl.trans(mask))
+            codes = _round_blocks(blocks, encode, u, RANDOM)
+        # row c of x^T: its 16 codes (8 bytes) and one scale, at the tile's block of 16 rows
+        byte_r = tl.program_id(0) * 8 + tl.arange(0, 8)
+        tl.store(col_data_ptr + c[:, None] * (rows // 2) + byte_r[None, :], _pack_pairs(_nibbles(codes, scale)),
+                 mask=c[:, None] < cols)
+        tl.store(col_scale_ptr + c[:, None] * (rows // 16) + tl.program_id(0), _e4m3_byte(scale), mask=c[:, None] < cols)
 
 
 @triton.jit
@@ -502,28 +544,37 @@ AMAX_BLOCK_C = 64
 NUM_WARPS = 4
 
 
+def packed_copy(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty TE-layout storage of an NVFP4 [rows, cols] matrix: (uint8 data [rows, cols / 2],
+    float8_e4m3fn scales [rows, cols / 16])."""
+    return (torch.empty(rows, cols // 2, dtype=torch.uint8, device=device),
+            torch.empty(rows, cols // 16, dtype=torch.float8_e4m3fn, device=device))
+
+
 def launch_quantize(x: torch.Tensor, amax: torch.Tensor, row_out=None, col_out=None, tile_rows: int = 1,
                     rht: bool = False, bits=None, seed=None, pdl: bool = False, four_over_six=None,
                     e4m3_max: int = 448, row_scaled: bool = False, deq_out=None):
     """Quantize a contiguous 2D x (cols % 16 == 0; columnwise also rows % 16 == 0) into
-    row_out (rowwise copy) and/or col_out (columnwise: x^T, or RHT(x^T) with rht, quantized in
-    x's layout, so col_out^T is the operand). amax: fp32 [amax of x, amax of the columnwise
-    operand], or (row_scaled) [one per row of x, then one per column]. Rounds to nearest, or
-    stochastically with explicit uint8 `bits` (x's shape, one copy at a time) or from an int64
-    `seed` tensor. four_over_six: None, "MAE" or "MSE"; e4m3_max: its global bound. deq_out:
-    also write TE's dequantized rowwise copy there. pdl: see _supports_pdl."""
+    row_out (rowwise copy) and/or col_out (columnwise: of x^T, or RHT(x^T) with rht), each a
+    (data, scale) pair of packed_copy's storage: [rows, cols] for row_out, [cols, rows] for
+    col_out. amax: fp32 [amax of x, amax of the columnwise operand], or (row_scaled) [one per row
+    of x, then one per column]. Rounds to nearest, or stochastically with explicit uint8 `bits`
+    (x's shape, one copy at a time) or from an int64 `seed` tensor. four_over_six: None, "MAE" or
+    "MSE"; e4m3_max: its global bound. deq_out: also write TE's dequantized rowwise copy there
+    (x's shape). pdl: see _supports_pdl."""
     assert bits is None or (row_out is None) != (col_out is None), "explicit bits: one copy at a time"
     rows, cols = x.shape
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, BLOCK_C))
     random = (RANDOM_BITS if bits is not None else RANDOM_SEED if seed is not None else NO_RANDOM).value
     mode = FOUR_OVER_SIX_MODES[four_over_six]
     # a pointer the kernel does not touch takes `amax` (any tensor would do)
+    row_data, row_scale = (amax, amax) if row_out is None else (row_out[0], row_out[1].view(torch.uint8))
+    col_data, col_scale = (amax, amax) if col_out is None else (col_out[0], col_out[1].view(torch.uint8))
     _nvfp4_kernel[grid](x, amax, amax if bits is None else bits, amax if seed is None else seed,
-                        amax if row_out is None else row_out, amax if col_out is None else col_out,
-                        amax if deq_out is None else deq_out, rows, cols, ROWWISE=row_out is not None,
-                        COLUMNWISE=col_out is not None, RHT=rht, TILE_ROWS=tile_rows, RANDOM=random,
-                        FOUR_OVER_SIX=mode, E4M3_MAX=e4m3_max, ROW_SCALED=row_scaled, DEQUANT=deq_out is not None,
-                        BLOCK_C=BLOCK_C, PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl,
+                        row_data, row_scale, col_data, col_scale, amax if deq_out is None else deq_out, rows, cols,
+                        ROWWISE=row_out is not None, COLUMNWISE=col_out is not None, RHT=rht, TILE_ROWS=tile_rows,
+                        RANDOM=random, FOUR_OVER_SIX=mode, E4M3_MAX=e4m3_max, ROW_SCALED=row_scaled,
+                        DEQUANT=deq_out is not None, BLOCK_C=BLOCK_C, PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl,
                         # 4over6 compares sums of separately rounded products, as TE's reference: no FMAs
                         enable_fp_fusion=mode == 0)
 
@@ -562,9 +613,11 @@ def _supports_pdl(x: torch.Tensor) -> bool:
 @torch.library.custom_op("nvfp4::quantize", mutates_args=())
 def quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: bool, columnwise: bool,
              rht: bool, stochastic: bool, four_over_six: int = 0, e4m3_max: int = 448, row_scaled: bool = False,
-             dequantized: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, col, amax, deq) of a contiguous 2D x in two reads: code * E4M3 scale (exact in
-    bf16) of NVFP4(x) (rowwise) and of x^T or RHT(x^T) stored in x's layout (columnwise), a copy
+             dequantized: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+    """(row_data, row_scale, col_data, col_scale, amax, deq) of a contiguous 2D x in two reads:
+    NVFP4(x) in TE's bytes (rowwise: data uint8 [rows, cols / 2], scales float8_e4m3fn [rows,
+    cols / 16]) and of x^T or RHT(x^T) (columnwise: [cols, rows / 2] and [cols, rows / 16]), a copy
     not asked for being empty; the fp32 global amaxes [of x, of the columnwise operand], or
     (row_scaled) [per row of x, then per row of the columnwise operand]; and (dequantized) the
     rowwise copy as TE's dequantize gives it, in x's dtype. seed: int64 tensor of one element,
@@ -572,25 +625,27 @@ def quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: bool,
     amax = torch.zeros(x.shape[0] + x.shape[1] if row_scaled else 2, dtype=torch.float32, device=x.device)
     pdl = _supports_pdl(x) and not row_scaled
     launch_amax(x, amax, rht and columnwise, pdl=pdl, row_scaled=row_scaled, columnwise=columnwise)
-    row_out, col_out, deq_out = _quantize_outputs(x, rowwise, columnwise, dequantized)
-    launch_quantize(x, amax, row_out if rowwise else None, col_out if columnwise else None, tile_rows, rht,
-                    seed=seed if stochastic else None, pdl=pdl, four_over_six=(None, "MAE", "MSE")[four_over_six],
-                    e4m3_max=e4m3_max, row_scaled=row_scaled, deq_out=deq_out if dequantized else None)
-    return row_out, col_out, amax, deq_out
+    row_data, row_scale, col_data, col_scale, deq_out = _quantize_outputs(x, rowwise, columnwise, dequantized)
+    launch_quantize(x, amax, (row_data, row_scale) if rowwise else None, (col_data, col_scale) if columnwise else None,
+                    tile_rows, rht, seed=seed if stochastic else None, pdl=pdl,
+                    four_over_six=(None, "MAE", "MSE")[four_over_six], e4m3_max=e4m3_max, row_scaled=row_scaled,
+                    deq_out=deq_out if dequantized else None)
+    return row_data, row_scale, col_data, col_scale, amax, deq_out
 
 
 @quantize.register_fake
 def _(x, seed, tile_rows, rowwise, columnwise, rht, stochastic, four_over_six=0, e4m3_max=448, row_scaled=False,
       dequantized=False):
     amax = x.new_empty(x.shape[0] + x.shape[1] if row_scaled else 2, dtype=torch.float32)
-    row_out, col_out, deq_out = _quantize_outputs(x, rowwise, columnwise, dequantized)
-    return row_out, col_out, amax, deq_out
+    row_data, row_scale, col_data, col_scale, deq_out = _quantize_outputs(x, rowwise, columnwise, dequantized)
+    return row_data, row_scale, col_data, col_scale, amax, deq_out
 
 
 def _quantize_outputs(x: torch.Tensor, rowwise: bool, columnwise: bool, dequantized: bool):
-    copies = tuple(torch.empty(x.shape if wanted else 0, dtype=torch.bfloat16, device=x.device)
-                   for wanted in (rowwise, columnwise))
-    return *copies, torch.empty(x.shape if dequantized else 0, dtype=x.dtype, device=x.device)
+    rows, cols = x.shape
+    row = packed_copy(rows if rowwise else 0, cols if rowwise else 0, x.device)
+    col = packed_copy(cols if columnwise else 0, rows if columnwise else 0, x.device)
+    return *row, *col, torch.empty(x.shape if dequantized else 0, dtype=x.dtype, device=x.device)
 
 
 def _alpha_scale(e4m3_max_a: int, e4m3_max_b: int) -> float:
@@ -633,3 +688,4 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, factor_a: torch.Tensor, factor_b
     launch_scaled_mm(a, b, factor_a, factor_b, bias, out, alpha_scale,
                      launcher=torch.library.wrap_triton(_scaled_mm_kernel))
     return out
+

@@ -13,9 +13,15 @@ alpha = amax_a * amax_b / (6 * 6 * 448 * 448) (FP8: scale_inv_a * scale_inv_b) a
 The recipe's other switches (NVFP4Recipe.quantizer) change how each operand is quantized:
 4over6 blocks and a 256 bound in place of 448 (forward operands), one amax per row (the input's
 copies: alpha then has one factor per output row in fprop, per output column in wgrad);
-backward_override replaces the quantized dgrad/wgrad by unquantized GEMMs. For backward the
-PyTorch path keeps the columnwise NVFP4 copies in TE's bytes (PackedOperand); the GPU kernels'
-copies are kept as bf16 values.
+backward_override replaces the quantized dgrad/wgrad by unquantized GEMMs.
+
+NVFP4 copies are held as TE holds them (PackedOperand: uint8 data, two E2M1 codes a byte, E4M3
+block scales, fp32 amax; 0.5625 bytes an element) from the quantize to the GEMM, and the
+columnwise copies are what a layer saves for backward. On CUDA the Triton quantize kernel writes
+these bytes (elsewhere PyTorch packs them); each GEMM expands its operands to exact code x scale
+values just before it (PackedOperand.operand, which inductor compiles into one elementwise
+kernel) and multiplies those on bf16 tensor cores: a GEMM that dequantized the bytes in its
+registers was ALU-bound on Hopper and slower (README: Speed).
 """
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -70,12 +76,16 @@ class Operand(NamedTuple):
     factor: torch.Tensor
     e4m3_max: Optional[int] = None
 
+    def t(self) -> "Operand":
+        return self._replace(values=self.values.t())
+
 
 class PackedOperand(NamedTuple):
-    """An NVFP4 copy as TE stores it (NVFP4Tensor.packed: uint8 data, two E2M1 codes a byte, and
-    E4M3 block scales) with its amax: how the PyTorch path keeps a columnwise copy for backward.
-    `transposed`: the GEMM operand is the transpose of the stored matrix (a 16x16-tile weight,
-    whose columnwise copy is its rowwise one)."""
+    """An NVFP4 GEMM operand as TE stores it (NVFP4Tensor.packed: uint8 data [rows, cols / 2], two
+    E2M1 codes a byte, and float8_e4m3fn block scales [rows, cols / 16], blocks along the stored
+    rows) with its amax (a scalar, or one per stored row) and E4M3 bound. `transposed`: the
+    operand is the transpose of the stored matrix (a weight in fprop; a 16x16-tile weight's
+    columnwise copy, which is its rowwise one)."""
     data: torch.Tensor
     scale: torch.Tensor
     amax: torch.Tensor
@@ -84,24 +94,27 @@ class PackedOperand(NamedTuple):
     transposed: bool = False
 
     @classmethod
-    def of(cls, q: NVFP4Tensor, transposed: bool = False) -> "PackedOperand":
-        return cls(*q.packed(), q.amax, q.e4m3_max, q.codes.shape[1], transposed)
+    def of(cls, q: NVFP4Tensor) -> "PackedOperand":
+        return cls(*q.packed(), q.amax, q.e4m3_max, q.codes.shape[1])
+
+    def t(self) -> "PackedOperand":
+        return self._replace(transposed=not self.transposed)
 
     def operand(self) -> Operand:
-        """The exact GEMM operand (code x scale, in the GEMM dtype) of the stored bytes."""
+        """The exact GEMM operand (code x scale, in the GEMM dtype) of the stored bytes: a
+        temporary, freed after its GEMM."""
         q = NVFP4Tensor(unpack_e2m1(self.data, self.cols), self.scale.to(torch.float32), self.amax, self.e4m3_max)
         values = q.values().to(_gemm_dtype(self.data))
         return Operand(values.t() if self.transposed else values, self.amax, self.e4m3_max)
 
 
 def _quantize(recipe: Recipe, kind: str, t: torch.Tensor, name: str, rowwise: bool = True,
-              columnwise: bool = False, dequantized: bool = False, packed: bool = False):
+              columnwise: bool = False, dequantized: bool = False):
     """Quantize the GEMM operand t (kind: x, w or dy) into its rowwise copy (fprop, dgrad) and/or
     its columnwise copy: Q(t^T) (x, dy: Q(RHT(t^T))) in t^T's shape, the transposed operand of
-    the wgrad GEMM (of dgrad for W). Returns (rowwise, columnwise, dequantized): Operands or None
-    (packed: the PyTorch path's NVFP4 columnwise copy as a PackedOperand, TE's bytes, for a copy
-    kept for backward), and with `dequantized` the rowwise copy as TE's dequantize gives it, in
-    t's dtype."""
+    the wgrad GEMM (of dgrad for W). Returns (rowwise, columnwise, dequantized): PackedOperands
+    (FP8: Operands) or None, and with `dequantized` the rowwise copy as TE's dequantize gives
+    it, in t's dtype."""
     if isinstance(recipe, FP8Recipe):  # per-tensor scaling: the transpose has the same values
         fp8 = torch.float8_e5m2 if kind == "dy" else torch.float8_e4m3fn
         q = quantize_fp8(t, fp8)
@@ -122,15 +135,12 @@ def _quantize(recipe: Recipe, kind: str, t: torch.Tensor, name: str, rowwise: bo
             q = _quantize_2d(spec, t)
             if _active_stats is not None:
                 _active_stats.record(name, kind, t, q)
-            row = Operand(q.values().to(_gemm_dtype(t)), q.amax, q.e4m3_max)
+            row = PackedOperand.of(q)
             deq = q.dequantize().to(t.dtype) if dequantized else None
-            if reuse and packed:
-                return row, PackedOperand.of(q, transposed=True), deq
         if columnwise:
             tt = t.t().contiguous()
-            q = _quantize_2d(spec, random_hadamard_transform(tt) if spec.rht else tt)
-            col = PackedOperand.of(q) if packed else Operand(q.values().to(_gemm_dtype(t)), q.amax, q.e4m3_max)
-    return row, Operand(row.values.t(), row.factor, row.e4m3_max) if reuse else col, deq
+            col = PackedOperand.of(_quantize_2d(spec, random_hadamard_transform(tt) if spec.rht else tt))
+    return row, row.t() if reuse else col, deq
 
 
 def _quantize_2d(spec: NVFP4Quantizer, t: torch.Tensor):
@@ -149,12 +159,13 @@ def _quantize_on_gpu(spec: NVFP4Quantizer, t: torch.Tensor, rowwise: bool, colum
     seed = (torch.randint(2 ** 62, (1,), device=t.device) if spec.stochastic
             else torch.empty(0, dtype=torch.int64, device=t.device))
     mode = kernels.FOUR_OVER_SIX_MODES[spec.four_over_six]
-    row, col, amax, deq = torch.ops.nvfp4.quantize(t, seed, spec.tile_rows, rowwise, columnwise, spec.rht,
-                                                   spec.stochastic, mode, spec.e4m3_max, spec.row_scaled, dequantized)
-    rows = t.shape[0]
+    row_data, row_scale, col_data, col_scale, amax, deq = torch.ops.nvfp4.quantize(
+        t, seed, spec.tile_rows, rowwise, columnwise, spec.rht, spec.stochastic, mode, spec.e4m3_max,
+        spec.row_scaled, dequantized)
+    rows, cols = t.shape
     row_amax, col_amax = (amax[:rows], amax[rows:]) if spec.row_scaled else (amax[0], amax[1])
-    return (Operand(row, row_amax, spec.e4m3_max) if rowwise else None,
-            Operand(col.t(), col_amax, spec.e4m3_max) if columnwise else None,
+    return (PackedOperand(row_data, row_scale, row_amax, spec.e4m3_max, cols) if rowwise else None,
+            PackedOperand(col_data, col_scale, col_amax, spec.e4m3_max, rows) if columnwise else None,
             deq if dequantized else None)
 
 
@@ -173,12 +184,15 @@ def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if t.is_cuda else torch.float32
 
 
-def _gemm(a: Operand, b_t: Operand, bias, out_dtype, wgrad=False):
+def _gemm(a, b_t, bias, out_dtype, wgrad=False):
     """alpha * (a @ b_t) + bias with fp32 accumulation, rounded once to out_dtype, where alpha =
     a.factor * b_t.factor (FP8) or a.factor * b_t.factor / (6 * 6 * a.e4m3_max * b.e4m3_max) (NVFP4;
-    a factor per row of a, or per column of b_t, where row-scaled). On CUDA, fprop and dgrad run the
-    Triton GEMM with this epilogue fused (the fp32 product never goes to memory); wgrad (K =
-    tokens, a small output) stays with cuBLAS, whose split-K suits it."""
+    a factor per row of a, or per column of b_t, where row-scaled). NVFP4 operands come as TE's
+    bytes and are expanded to their exact values here. On CUDA, fprop and dgrad run the Triton
+    GEMM with this epilogue fused (the fp32 product never goes to memory); wgrad (K = tokens, a
+    small output) stays with cuBLAS, whose split-K suits it."""
+    if isinstance(a, PackedOperand):
+        a, b_t = a.operand(), b_t.operand()
     nvfp4 = a.e4m3_max is not None
     if a.values.dtype in FP8_DTYPES:
         return _fp8_mm(a, b_t, bias, out_dtype)
@@ -238,10 +252,10 @@ class _QuantizedLinearFn(torch.autograd.Function):
         quantized_backward = override is None
         dequantized = override == "dequantized"
         xq, xt, x_deq = _quantize(recipe, "x", x, name, columnwise=need_dw and quantized_backward,
-                                  dequantized=need_dw and dequantized, packed=True)
+                                  dequantized=need_dw and dequantized)
         wq, wt, w_deq = _quantize(recipe, "w", weight, name, columnwise=need_dx and quantized_backward,
-                                  dequantized=need_dx and dequantized, packed=True)
-        y = _gemm(xq, Operand(wq.values.t(), wq.factor, wq.e4m3_max), bias, x.dtype)
+                                  dequantized=need_dx and dequantized)
+        y = _gemm(xq, wq.t(), bias, x.dtype)
         if quantized_backward:
             (saved_x, x_layout), (saved_w, w_layout) = _kept(xt), _kept(wt)
             ctx.layouts = (x_layout, w_layout, len(saved_x))
@@ -268,9 +282,9 @@ class _QuantizedLinearFn(torch.autograd.Function):
             dy_row, dy_col, _ = _quantize(ctx.recipe, "dy", dy, ctx.name, rowwise=ctx.need_dx,
                                           columnwise=ctx.need_dw)
             if ctx.need_dx:
-                dx = _gemm(dy_row, Operand(wt.values.t(), wt.factor, wt.e4m3_max), None, ctx.x_dtype)
+                dx = _gemm(dy_row, wt.t(), None, ctx.x_dtype)
             if ctx.need_dw:  # TE's wgrad GEMM writes the activation dtype
-                dw = _gemm(dy_col, Operand(xt.values.t(), xt.factor, xt.e4m3_max), None, ctx.x_dtype, wgrad=True)
+                dw = _gemm(dy_col, xt.t(), None, ctx.x_dtype, wgrad=True)
         else:
             x_saved, w_saved = ctx.saved_tensors
             if ctx.need_dx:
@@ -292,9 +306,9 @@ def _kept(copy) -> tuple:
     return (copy.values, copy.factor), ("values", copy.e4m3_max)
 
 
-def _restored(tensors, layout) -> Optional[Operand]:
+def _restored(tensors, layout):
     if layout[0] == "packed":
-        return PackedOperand(*tensors, *layout[1:]).operand()
+        return PackedOperand(*tensors, *layout[1:])
     return None if tensors[0] is None else Operand(*tensors, layout[1])
 
 
