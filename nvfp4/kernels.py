@@ -3,12 +3,12 @@
 The op `quantize` reads a GEMM operand twice. The amax kernel reads it once for both global
 amaxes (of the operand, and of RHT(operand^T) for the wgrad copy). The quantize kernel reads
 each [16, 128] tile once, computes its 1x16 (or 16x16) block amaxes, rounds the E4M3 block
-scales, scales, rounds to E2M1 (to nearest even, or stochastically) and writes code * scale
-as bf16 for up to two copies: rowwise, and columnwise, where blocks run 16 down a column,
-i.e. the 1x16 blocks of the transpose, handled on the tile's transpose (RHT: one [128, 16] @
-[16, 16] dot), so that each block's scale is computed by few threads, and written in the
-operand's own layout so the GEMM reads a transposed view: no transposed copy, no cuBLAS
-matmul with a 16x16 matrix.
+scales, scales, rounds to E2M1 (to nearest even, or stochastically) and writes TE's bytes (E2M1
+codes two a byte, E4M3 scale bytes) for up to two copies: rowwise, and columnwise, where blocks
+run 16 down a column, i.e. the 1x16 blocks of the transpose, handled on the tile's transpose
+(RHT: one [128, 16] @ [16, 16] dot), so that each block's scale is computed by few threads and
+each block's 8 bytes land in one row of TE's columnwise layout: no transposed copy of the
+operand, no cuBLAS matmul with a 16x16 matrix.
 
 The kernel does little arithmetic per byte, and its per-element rounding shares the
 integer/logic pipe with the index math, so the rounding uses bit operations where compares and
@@ -27,7 +27,9 @@ materialized; `launch_quantize` also takes explicit bits, which is how the tests
 reference bit for bit.
 
 `scaled_mm` is the GEMM of fprop and dgrad with TE's epilogue fused: alpha from the two global
-amaxes, the bias, one rounding to the output dtype, so the fp32 product never goes to memory.
+amaxes, the bias, one rounding to the output dtype, so the fp32 product never goes to memory. It
+multiplies exact 16-bit operand values (NVFP4: the packed copies expanded by
+linear.PackedOperand.operand; emulated FP8: the FP8 values).
 """
 from typing import Optional
 
