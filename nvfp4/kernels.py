@@ -350,6 +350,23 @@ def _e4m3_byte(scale):
 
 
 @triton.jit
+def _store_te_bytes(data_ptr, scale_ptr, stored_rows, row_mask, first_block, row_blocks, codes, scale):
+    """Blocks of signed E2M1 codes [R, NB, 16] with their E4M3 scales [R, NB, 1] into TE's layout:
+    block b of stored row s as 8 bytes at data_ptr + (s * row_blocks + b) * 8 and one scale byte
+    at scale_ptr + s * row_blocks + b, for the NB blocks from first_block of the rows stored_rows
+    (where row_mask holds and b < row_blocks)."""
+    R: tl.constexpr = codes.shape[0]
+    NB: tl.constexpr = codes.shape[1]
+    byte = first_block * 8 + tl.arange(0, NB * 8)
+    tl.store(data_ptr + stored_rows[:, None] * (row_blocks * 8) + byte[None, :],
+             _pack_pairs(tl.reshape(_nibbles(codes, scale), (R, NB * 16))),
+             mask=row_mask[:, None] & (byte[None, :] < row_blocks * 8))
+    block = first_block + tl.arange(0, NB)
+    tl.store(scale_ptr + stored_rows[:, None] * row_blocks + block[None, :], _e4m3_byte(tl.reshape(scale, (R, NB))),
+             mask=row_mask[:, None] & (block[None, :] < row_blocks))
+
+
+@triton.jit
 def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr,
                   deq_out_ptr, rows, cols, ROWWISE: tl.constexpr, COLUMNWISE: tl.constexpr, RHT: tl.constexpr,
                   TILE_ROWS: tl.constexpr, RANDOM: tl.constexpr, FOUR_OVER_SIX: tl.constexpr,
@@ -384,13 +401,7 @@ def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_data_ptr, row_scale_p
         u = tl.reshape(_uniform(bits_ptr, seed_ptr, 0, offsets, (r * cols + c0) // 16, mask, RANDOM), blocks.shape)
         codes, scale = _quantize_blocks(blocks, block_amax, amax, u, RANDOM, FOUR_OVER_SIX, E4M3_MAX, TILE_ROWS)
         scale = tl.broadcast_to(scale, (16, NB, 1))
-        nibbles = tl.reshape(_nibbles(codes, scale), (16, BLOCK_C))
-        byte_c = c0 // 2 + tl.arange(0, BLOCK_C // 2)
-        tl.store(row_data_ptr + r[:, None] * (cols // 2) + byte_c[None, :], _pack_pairs(nibbles),
-                 mask=(r[:, None] < rows) & (byte_c[None, :] < cols // 2))
-        block_c = c0 // 16 + tl.arange(0, NB)
-        tl.store(row_scale_ptr + r[:, None] * (cols // 16) + block_c[None, :], _e4m3_byte(tl.reshape(scale, (16, NB))),
-                 mask=(r[:, None] < rows) & (block_c[None, :] < cols // 16))
+        _store_te_bytes(row_data_ptr, row_scale_ptr, r, r < rows, c0 // 16, cols // 16, codes, scale)
         if DEQUANT:
             deq = tl.reshape(codes * _dequant_scale(scale, amax, E4M3_MAX), (16, BLOCK_C))
             deq = _round_to(deq, deq_out_ptr.dtype.element_ty)  # to nearest even, also interpreted
@@ -407,16 +418,13 @@ def _nvfp4_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_data_ptr, row_scale_p
             codes, scale = _four_over_six(tl.reshape(blocks, (BLOCK_C, 1, 16)), tl.reshape(block_amax, (BLOCK_C, 1, 1)),
                                           amax if not ROW_SCALED else tl.reshape(amax, (BLOCK_C, 1, 1)),
                                           FOUR_OVER_SIX == FOUR_OVER_SIX_MSE, E4M3_MAX, 1)
-            codes, scale = tl.reshape(codes, (BLOCK_C, 16)), tl.reshape(scale, (BLOCK_C, 1))
         else:
             scale, encode = _block_scales(block_amax, amax)
             u = _uniform(bits_ptr, seed_ptr, 1, tl.trans(offsets), tl.program_id(0) * cols + c, tl.trans(mask), RANDOM)
-            codes = _round_blocks(blocks, encode, u, RANDOM)
-        # row c of x^T: its 16 codes (8 bytes) and one scale, at the tile's block of 16 rows
-        byte_r = tl.program_id(0) * 8 + tl.arange(0, 8)
-        tl.store(col_data_ptr + c[:, None] * (rows // 2) + byte_r[None, :], _pack_pairs(_nibbles(codes, scale)),
-                 mask=c[:, None] < cols)
-        tl.store(col_scale_ptr + c[:, None] * (rows // 16) + tl.program_id(0), _e4m3_byte(scale), mask=c[:, None] < cols)
+            codes = tl.reshape(_round_blocks(blocks, encode, u, RANDOM), (BLOCK_C, 1, 16))
+            scale = tl.reshape(scale, (BLOCK_C, 1, 1))
+        # row c of x^T: one block (8 bytes, one scale), the tile's 16 rows of x
+        _store_te_bytes(col_data_ptr, col_scale_ptr, c, c < cols, tl.program_id(0), rows // 16, codes, scale)
 
 
 @triton.jit

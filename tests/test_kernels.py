@@ -18,7 +18,7 @@ g = torch.Generator(device).manual_seed(0)
 def empty(rows, cols):  # TE's storage of an NVFP4 [rows, cols]: (data, scale)
     return kernels.packed_copy(rows, cols, device)
 
-def values_of(copy):  # code * scale of TE's bytes, by formats.unpack_e2m1's table
+def values_of(copy):  # code * scale of TE's bytes, by formats.unpack_e2m1
     data, scale = copy
     return unpack_e2m1(data, data.shape[1] * 2) * scale.float().repeat_interleave(16, 1)
 
