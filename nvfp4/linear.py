@@ -15,13 +15,15 @@ The recipe's other switches (NVFP4Recipe.quantizer) change how each operand is q
 copies: alpha then has one factor per output row in fprop, per output column in wgrad);
 backward_override replaces the quantized dgrad/wgrad by unquantized GEMMs.
 
-NVFP4 copies are held as TE holds them (PackedOperand: uint8 data, two E2M1 codes a byte, E4M3
-block scales, fp32 amax; 0.5625 bytes an element) from the quantize to the GEMM, and the
-columnwise copies are what a layer saves for backward. On CUDA the Triton quantize kernel writes
-these bytes (elsewhere PyTorch packs them); each GEMM expands its operands to exact code x scale
-values just before it (PackedOperand.operand, which inductor compiles into one elementwise
-kernel) and multiplies those on bf16 tensor cores: a GEMM that dequantized the bytes in its
-registers was ALU-bound on Hopper and slower (README: Speed).
+Each quantized copy is made in the form its consumer needs. A copy a GEMM multiplies at once
+(fprop's X and W, dgrad's and wgrad's dY) is written as its exact GEMM values (Operand: code x
+E4M3 scale, exact in bf16), which the GEMM reads as they are. A copy kept for backward (the
+columnwise X and W) is held as TE holds it (PackedOperand: uint8 data, two E2M1 codes a byte,
+E4M3 block scales, fp32 amax; 0.5625 bytes an element) and expanded to its values once, just
+before its GEMM (PackedOperand.operand). On CUDA the Triton quantize kernel writes both forms
+from one read of the operand (elsewhere PyTorch computes them); GEMMs multiply the values on
+bf16 tensor cores: a GEMM that expanded TE's bytes in its registers was ALU-bound on Hopper and
+slower (docs/RESULTS.md).
 """
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -102,45 +104,93 @@ class PackedOperand(NamedTuple):
 
     def operand(self) -> Operand:
         """The exact GEMM operand (code x scale, in the GEMM dtype) of the stored bytes: a
-        temporary, freed after its GEMM."""
-        q = NVFP4Tensor(unpack_e2m1(self.data, self.cols), self.scale.to(torch.float32), self.amax, self.e4m3_max)
-        values = q.values().to(_gemm_dtype(self.data))
+        temporary, freed after its GEMM (CUDA: one Triton kernel, nvfp4::unpack)."""
+        if kernels is not None and self.data.is_cuda:
+            values = torch.ops.nvfp4.unpack(self.data, self.scale)
+        else:
+            q = NVFP4Tensor(unpack_e2m1(self.data, self.cols), self.scale.to(torch.float32), self.amax, self.e4m3_max)
+            values = q.values().to(_gemm_dtype(self.data))
         return Operand(values.t() if self.transposed else values, self.amax, self.e4m3_max)
 
 
-def _quantize(recipe: Recipe, kind: str, t: torch.Tensor, name: str, rowwise: bool = True,
-              columnwise: bool = False, dequantized: bool = False):
+def _values(copy) -> Optional[Operand]:
+    """A copy as its GEMM operand: a PackedOperand expanded, an Operand (or None) as it is."""
+    return copy.operand() if isinstance(copy, PackedOperand) else copy
+
+
+VALUES, PACKED = "values", "packed"  # the form a copy is asked in: Operand, or PackedOperand (TE's bytes)
+_FORM_BITS = {None: 0, VALUES: 1, PACKED: 2}  # kernels.VALUES, kernels.PACKED
+
+
+def _quantize(recipe: Recipe, kind: str, t: torch.Tensor, name: str, row: Optional[str] = VALUES,
+              col: Optional[str] = None, dequantized: bool = False):
     """Quantize the GEMM operand t (kind: x, w or dy) into its rowwise copy (fprop, dgrad) and/or
     its columnwise copy: Q(t^T) (x, dy: Q(RHT(t^T))) in t^T's shape, the transposed operand of
-    the wgrad GEMM (of dgrad for W). Returns (rowwise, columnwise, dequantized): PackedOperands
-    (FP8: Operands) or None, and with `dequantized` the rowwise copy as TE's dequantize gives
-    it, in t's dtype."""
-    if isinstance(recipe, FP8Recipe):  # per-tensor scaling: the transpose has the same values
-        fp8 = torch.float8_e5m2 if kind == "dy" else torch.float8_e4m3fn
-        q = quantize_fp8(t, fp8)
-        values = q.values.to(fp8 if recipe.native else _gemm_dtype(t))
-        return (Operand(values, q.scale_inv) if rowwise else None,
-                Operand(values.t(), q.scale_inv) if columnwise else None,
-                (q.values * q.scale_inv).to(t.dtype) if dequantized else None)
+    the wgrad GEMM (of dgrad for W). row / col: the form each copy is wanted in (None: not at
+    all): VALUES, the exact GEMM operand (Operand), or PACKED, TE's bytes (PackedOperand; FP8:
+    its 1-byte values, an Operand). Returns (row, col, dequantized): with `dequantized` also the
+    rowwise copy as TE's dequantize gives it, in t's dtype."""
+    if isinstance(recipe, FP8Recipe):
+        return _quantize_fp8(recipe, kind, t, row is not None, col is not None, dequantized)
     spec = recipe.quantizer(kind)
     # 16x16 tiles quantize W and W^T to the same values, unless 4over6 adds a tile's errors in
-    # another order for the transpose
-    reuse = columnwise and spec.tile_rows == 16 and spec.four_over_six is None
-    columnwise = columnwise and not reuse
-    if _kernel_takes(t, rowwise, columnwise, spec.tile_rows):
-        row, col, deq = _quantize_on_gpu(spec, t.contiguous(), rowwise, columnwise, dequantized)
+    # another order for the transpose: the columnwise copy is the rowwise one, transposed
+    reuse = col is not None and spec.tile_rows == 16 and spec.four_over_six is None
+    row_forms = {row, col if reuse else None} - {None}
+    col_forms = set() if reuse or col is None else {col}
+    if _kernel_takes(t, bool(row_forms), bool(col_forms), spec.tile_rows):
+        copies, deq = _quantize_on_gpu(spec, t.contiguous(), row_forms, col_forms, dequantized)
     else:
-        row = col = deq = None
-        if rowwise:
-            q = _quantize_2d(spec, t)
-            if _active_stats is not None:
-                _active_stats.record(name, kind, t, q)
-            row = PackedOperand.of(q)
-            deq = q.dequantize().to(t.dtype) if dequantized else None
-        if columnwise:
-            tt = t.t().contiguous()
-            col = PackedOperand.of(_quantize_2d(spec, random_hadamard_transform(tt) if spec.rht else tt))
-    return row, row.t() if reuse else col, deq
+        copies, deq = _quantize_in_torch(spec, kind, t, name, row_forms, col_forms, dequantized)
+    row_copy = copies.get(("row", row))
+    col_copy = copies.get(("row", col)).t() if reuse else copies.get(("col", col))
+    return row_copy, col_copy, deq
+
+
+def _quantize_fp8(recipe: FP8Recipe, kind: str, t: torch.Tensor, rowwise: bool, columnwise: bool,
+                  dequantized: bool):
+    """TE's per-tensor current scaling (E4M3; E5M2 for dY): the columnwise copy has the rowwise
+    one's values, transposed. On CUDA one Triton kernel writes both from one read (the transpose
+    contiguous, as Hopper's FP8 GEMM takes its operands K-major); native FP8 keeps the 1-byte
+    values, the emulation bf16 ones."""
+    fp8 = torch.float8_e5m2 if kind == "dy" else torch.float8_e4m3fn
+    exact = fp8 if recipe.native else _gemm_dtype(t)
+    if kernels is not None and t.is_cuda and t.dim() == 2 and not dequantized:
+        values, values_t, scale_inv = torch.ops.nvfp4.quantize_fp8(t.contiguous(), kernels.FP8_CODES[fp8],
+                                                                  rowwise, columnwise)
+        return (Operand(values.to(exact), scale_inv) if rowwise else None,
+                Operand(values_t.to(exact), scale_inv) if columnwise else None, None)
+    q = quantize_fp8(t, fp8)
+    values = q.values.to(exact)
+    return (Operand(values, q.scale_inv) if rowwise else None,
+            Operand(values.t(), q.scale_inv) if columnwise else None,
+            (q.values * q.scale_inv).to(t.dtype) if dequantized else None)
+
+
+def _quantize_in_torch(spec: NVFP4Quantizer, kind: str, t: torch.Tensor, name: str, row_forms: set,
+                       col_forms: set, dequantized: bool):
+    """The reference path (CPUs; --fp4-stats passes): formats.quantize_nvfp4 per copy."""
+    copies, deq = {}, None
+    if row_forms:
+        q = _quantize_2d(spec, t)
+        if _active_stats is not None:
+            _active_stats.record(name, kind, t, q)
+        copies.update(_forms_of(q, "row", row_forms, t.device))
+        deq = q.dequantize().to(t.dtype) if dequantized else None
+    if col_forms:
+        tt = t.t().contiguous()
+        q = _quantize_2d(spec, random_hadamard_transform(tt) if spec.rht else tt)
+        copies.update(_forms_of(q, "col", col_forms, t.device))
+    return copies, deq
+
+
+def _forms_of(q: NVFP4Tensor, copy: str, forms: set, device) -> dict:
+    out = {}
+    if VALUES in forms:
+        out[(copy, VALUES)] = Operand(q.values().to(_gemm_dtype(q.codes)), q.amax, q.e4m3_max)
+    if PACKED in forms:
+        out[(copy, PACKED)] = PackedOperand.of(q)
+    return out
 
 
 def _quantize_2d(spec: NVFP4Quantizer, t: torch.Tensor):
@@ -149,24 +199,27 @@ def _quantize_2d(spec: NVFP4Quantizer, t: torch.Tensor):
                           four_over_six=spec.four_over_six, e4m3_max=spec.e4m3_max, row_scaled=spec.row_scaled)
 
 
-def _quantize_on_gpu(spec: NVFP4Quantizer, t: torch.Tensor, rowwise: bool, columnwise: bool, dequantized: bool):
-    """The Triton op: both copies from one read of t. A 16x16-tile columnwise copy (4over6
-    weights) is the rowwise copy of t^T, quantized on its own."""
-    if columnwise and spec.tile_rows == 16:
-        row, _, deq = _quantize_on_gpu(spec, t, rowwise, False, dequantized) if rowwise else (None, None, None)
-        col, _, _ = _quantize_on_gpu(spec, t.t().contiguous(), True, False, False)
-        return row, col, deq
+def _quantize_on_gpu(spec: NVFP4Quantizer, t: torch.Tensor, row_forms: set, col_forms: set, dequantized: bool):
+    """The Triton op: both copies, each in its forms, from one read of t. A 16x16-tile columnwise
+    copy (4over6 weights) is the rowwise copy of t^T, quantized on its own."""
+    if col_forms and spec.tile_rows == 16:
+        copies, deq = _quantize_on_gpu(spec, t, row_forms, set(), dequantized) if row_forms else ({}, None)
+        col, _ = _quantize_on_gpu(spec, t.t().contiguous(), col_forms, set(), False)
+        return {**copies, **{("col", form): copy for (_, form), copy in col.items()}}, deq
     seed = (torch.randint(2 ** 62, (1,), device=t.device) if spec.stochastic
             else torch.empty(0, dtype=torch.int64, device=t.device))
     mode = kernels.FOUR_OVER_SIX_MODES[spec.four_over_six]
-    row_data, row_scale, col_data, col_scale, amax, deq = torch.ops.nvfp4.quantize(
-        t, seed, spec.tile_rows, rowwise, columnwise, spec.rht, spec.stochastic, mode, spec.e4m3_max,
-        spec.row_scaled, dequantized)
+    row_values, row_data, row_scale, col_values, col_data, col_scale, amax, deq = torch.ops.nvfp4.quantize(
+        t, seed, spec.tile_rows, sum(_FORM_BITS[f] for f in row_forms), sum(_FORM_BITS[f] for f in col_forms),
+        spec.rht, spec.stochastic, mode, spec.e4m3_max, spec.row_scaled, dequantized)
     rows, cols = t.shape
     row_amax, col_amax = (amax[:rows], amax[rows:]) if spec.row_scaled else (amax[0], amax[1])
-    return (PackedOperand(row_data, row_scale, row_amax, spec.e4m3_max, cols) if rowwise else None,
-            PackedOperand(col_data, col_scale, col_amax, spec.e4m3_max, rows) if columnwise else None,
-            deq if dequantized else None)
+    copies = {("row", VALUES): Operand(row_values, row_amax, spec.e4m3_max),
+              ("row", PACKED): PackedOperand(row_data, row_scale, row_amax, spec.e4m3_max, cols),
+              ("col", VALUES): Operand(col_values.t(), col_amax, spec.e4m3_max),  # written in t's layout
+              ("col", PACKED): PackedOperand(col_data, col_scale, col_amax, spec.e4m3_max, rows)}
+    asked = {("row", f) for f in row_forms} | {("col", f) for f in col_forms}
+    return {key: copy for key, copy in copies.items() if key in asked}, deq if dequantized else None
 
 
 def _kernel_takes(t: torch.Tensor, rowwise: bool, columnwise: bool, tile_rows: int) -> bool:
@@ -184,15 +237,12 @@ def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if t.is_cuda else torch.float32
 
 
-def _gemm(a, b_t, bias, out_dtype, wgrad=False):
+def _gemm(a: Operand, b_t: Operand, bias, out_dtype, wgrad=False):
     """alpha * (a @ b_t) + bias with fp32 accumulation, rounded once to out_dtype, where alpha =
     a.factor * b_t.factor (FP8) or a.factor * b_t.factor / (6 * 6 * a.e4m3_max * b.e4m3_max) (NVFP4;
-    a factor per row of a, or per column of b_t, where row-scaled). NVFP4 operands come as TE's
-    bytes and are expanded to their exact values here. On CUDA, fprop and dgrad run the Triton
-    GEMM with this epilogue fused (the fp32 product never goes to memory); wgrad (K = tokens, a
-    small output) stays with cuBLAS, whose split-K suits it."""
-    if isinstance(a, PackedOperand):
-        a, b_t = a.operand(), b_t.operand()
+    a factor per row of a, or per column of b_t, where row-scaled). On CUDA, fprop and dgrad run
+    the Triton GEMM with this epilogue fused (the fp32 product never goes to memory); wgrad (K =
+    tokens, a small output) stays with cuBLAS, whose split-K suits it."""
     nvfp4 = a.e4m3_max is not None
     if a.values.dtype in FP8_DTYPES:
         return _fp8_mm(a, b_t, bias, out_dtype)
@@ -216,9 +266,9 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 def _fp8_mm(a: Operand, b_t: Operand, bias, out_dtype):
     """NativeFP8Recipe's GEMM: torch._scaled_mm(a, b_t) * a.factor * b_t.factor (+ bias), fp32
     accumulation and one rounding to out_dtype. cuBLAS takes a row-major and b_t column-major
-    (a transposed copy of the 1-byte values where the operand is the other way round, as TE's
-    columnwise FP8 copies are) and dimensions that are multiples of 16; other shapes multiply
-    the same values as the emulation does."""
+    (a transposed copy of the 1-byte values where the operand is the other way round) and
+    dimensions that are multiples of 16; other shapes multiply the same values as the emulation
+    does."""
     (m, k), n = a.values.shape, b_t.values.shape[1]
     if m % 16 or k % 16 or n % 16:
         exact = _gemm_dtype(a.values)
@@ -227,6 +277,7 @@ def _fp8_mm(a: Operand, b_t: Operand, bias, out_dtype):
     # cuBLAS adds a bias in its epilogue only for 16-bit outputs; an fp32 output adds it after,
     # in fp32, where the emulation adds it too
     fused = bias is not None and out_dtype != torch.float32
+    # the layers' copies come in these layouts (_quantize_fp8), so neither call copies there
     y = torch._scaled_mm(a.values.contiguous(), b_t.values.t().contiguous().t(), a.factor, b_t.factor,
                          bias=bias.to(out_dtype) if fused else None, out_dtype=out_dtype)
     return y + bias.to(out_dtype) if bias is not None and not fused else y
@@ -251,9 +302,9 @@ class _QuantizedLinearFn(torch.autograd.Function):
         override = recipe.backward_override
         quantized_backward = override is None
         dequantized = override == "dequantized"
-        xq, xt, x_deq = _quantize(recipe, "x", x, name, columnwise=need_dw and quantized_backward,
+        xq, xt, x_deq = _quantize(recipe, "x", x, name, col=PACKED if need_dw and quantized_backward else None,
                                   dequantized=need_dw and dequantized)
-        wq, wt, w_deq = _quantize(recipe, "w", weight, name, columnwise=need_dx and quantized_backward,
+        wq, wt, w_deq = _quantize(recipe, "w", weight, name, col=PACKED if need_dx and quantized_backward else None,
                                   dequantized=need_dx and dequantized)
         y = _gemm(xq, wq.t(), bias, x.dtype)
         if quantized_backward:
@@ -279,12 +330,12 @@ class _QuantizedLinearFn(torch.autograd.Function):
             x_layout, w_layout, x_count = ctx.layouts
             xt = _restored(ctx.saved_tensors[:x_count], x_layout)
             wt = _restored(ctx.saved_tensors[x_count:], w_layout)
-            dy_row, dy_col, _ = _quantize(ctx.recipe, "dy", dy, ctx.name, rowwise=ctx.need_dx,
-                                          columnwise=ctx.need_dw)
+            dy_row, dy_col, _ = _quantize(ctx.recipe, "dy", dy, ctx.name, row=VALUES if ctx.need_dx else None,
+                                          col=VALUES if ctx.need_dw else None)
             if ctx.need_dx:
-                dx = _gemm(dy_row, wt.t(), None, ctx.x_dtype)
+                dx = _gemm(dy_row, _values(wt).t(), None, ctx.x_dtype)
             if ctx.need_dw:  # TE's wgrad GEMM writes the activation dtype
-                dw = _gemm(dy_col, xt.t(), None, ctx.x_dtype, wgrad=True)
+                dw = _gemm(dy_col, _values(xt).t(), None, ctx.x_dtype, wgrad=True)
         else:
             x_saved, w_saved = ctx.saved_tensors
             if ctx.need_dx:

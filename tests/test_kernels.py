@@ -10,6 +10,7 @@ CHECK = r"""
 import itertools, sys, torch, triton
 sys.path.insert(0, {repo!r})
 from nvfp4 import kernels
+from nvfp4.kernels import PACKED, VALUES
 from nvfp4.formats import hadamard_matrix, quantize_nvfp4, random_bits, random_hadamard_transform, unpack_e2m1
 device = {device!r}
 check_gemm = {check_gemm!r}
@@ -25,6 +26,14 @@ def values_of(copy):  # code * scale of TE's bytes, by formats.unpack_e2m1
 def scale_bytes(scale):  # a NaN's sign bit is the arithmetic's (x86: set, CUDA: clear)
     bits = scale.view(torch.uint8)
     return torch.where(bits & 0x7F == 0x7F, 0x7F, bits)
+
+def same_values(a, b):  # equal values, NaN where NaN (and +0.0 == -0.0)
+    a, b = a.float(), b.float()
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+def bitwise(a, b):  # same, and zeros of the same sign
+    a, b = a.float(), b.float()
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num().view(torch.int32), b.nan_to_num().view(torch.int32))
 
 def same_bytes(copy, ref):  # the kernel's bytes are the reference's TE bytes (NVFP4Tensor.packed)
     data, scale = ref.packed()
@@ -123,14 +132,14 @@ for special in ((float("inf"),), (float("nan"),), (float("inf"), float("nan"))):
         assert torch.equal(amax.isnan(), ref.isnan()) and torch.equal(amax.nan_to_num(), ref.nan_to_num()), (special, rht, amax, ref)
 
 # programs that take several row tiles (large operands) still see the last, partial one
-for rows, rht in ((16 * 9 + 7, False), (16 * 9, True)):
+for (rows, rht), block_r in itertools.product(((16 * 9 + 7, False), (16 * 9, True), (16 * 21, True)), (16, 64)):
     x = torch.randn(rows, 16, generator=g, device=device, dtype=torch.bfloat16)
     x[-1, 3] = 1000.0
     amax = torch.zeros(2, device=device)
-    kernels._amax_kernel[(triton.cdiv(rows, 16 * 4), 1)](x, amax, rows, 16, RHT=rht, ROW_TILES=4,
-                                                         BLOCK_C=kernels.AMAX_BLOCK_C, PDL=False)
+    kernels._amax_kernel[(triton.cdiv(rows, block_r * 2), 1)](x, amax, rows, 16, RHT=rht, ROW_TILES=2, BLOCK_R=block_r,
+                                                              BLOCK_C=kernels.AMAX_BLOCK_C, PDL=False)
     ref = random_hadamard_transform(x.t()).abs().amax().float() if rht else 1000.0
-    assert amax[0] == 1000.0 and amax[1] == ref, (rows, rht, amax)
+    assert amax[0] == 1000.0 and amax[1] == ref, (rows, rht, block_r, amax)
 print("row tiles ok")
 
 # the fused GEMM: exact operands (products and sums exact in fp32, whatever the order), so
@@ -182,25 +191,54 @@ for seed in (None, torch.tensor([7], device=device)):
     kernels.launch_quantize(x, amax, row_alone, seed=seed)
     kernels.launch_quantize(x, amax, col_out=col_alone, rht=True, seed=seed)
     assert equal(row, row_alone) and equal(col, col_alone)
-    # the op the layers call: both passes, the same bits
+    # the op the layers call: both passes, the same bits, in either form or both
     op_seed = torch.empty(0, dtype=torch.int64, device=device) if seed is None else seed
-    op = torch.ops.nvfp4.quantize(x, op_seed, 1, True, True, True, seed is not None)
-    assert equal(op[:2], row) and equal(op[2:4], col) and torch.equal(op[4], amax)
+    op = torch.ops.nvfp4.quantize(x, op_seed, 1, PACKED | VALUES, PACKED | VALUES, True, seed is not None)
+    assert equal(op[1:3], row) and equal(op[4:6], col) and torch.equal(op[6], amax)
+    # the values forms are the bytes' values (code * scale; a zero's sign aside, which a GEMM ignores),
+    # the columnwise one in x's layout; nvfp4::unpack expands the bytes to the same values
+    assert same_values(op[0], values_of(row)) and same_values(op[3].t(), values_of(col)) and op[0].dtype == torch.bfloat16
+    assert same_values(torch.ops.nvfp4.unpack(*row), values_of(row)) and same_values(torch.ops.nvfp4.unpack(*col), values_of(col))
+    values_only = torch.ops.nvfp4.quantize(x, op_seed, 1, VALUES, VALUES, True, seed is not None)
+    assert same_values(values_only[0], op[0]) and same_values(values_only[3], op[3])
+    assert all(t.numel() == 0 for t in (values_only[1], values_only[2], values_only[4], values_only[5]))
 print("both copies ok")
 # its fake (meta) function and registration agree with it, as torch.compile relies on (not
 # test_schema, which multiplies the outputs: float8 tensors cannot on CPUs)
 OPCHECKS = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
-torch.library.opcheck(torch.ops.nvfp4.quantize, (x, torch.tensor([7], device=device), 16, True, False, False, True), test_utils=OPCHECKS)
-torch.library.opcheck(torch.ops.nvfp4.quantize, (x, torch.empty(0, dtype=torch.int64, device=device), 1, False, True, True, False), test_utils=OPCHECKS)
-torch.library.opcheck(torch.ops.nvfp4.quantize, (x, torch.empty(0, dtype=torch.int64, device=device), 1, True, True, False, False, 2, 256, True, True), test_utils=OPCHECKS)
+torch.library.opcheck(torch.ops.nvfp4.quantize, (x, torch.tensor([7], device=device), 16, VALUES | PACKED, 0, False, True), test_utils=OPCHECKS)
+torch.library.opcheck(torch.ops.nvfp4.quantize, (x, torch.empty(0, dtype=torch.int64, device=device), 1, 0, PACKED, True, False), test_utils=OPCHECKS)
+torch.library.opcheck(torch.ops.nvfp4.quantize, (x, torch.empty(0, dtype=torch.int64, device=device), 1, VALUES, VALUES | PACKED, False, False, 2, 256, True, True), test_utils=OPCHECKS)
+torch.library.opcheck(torch.ops.nvfp4.unpack, tuple(row), test_utils=OPCHECKS)
+torch.library.opcheck(torch.ops.nvfp4.quantize_fp8, (x, 1, True, True), test_utils=OPCHECKS)
 print("op ok")
+
+# FP8 current scaling: one kernel writes the rowwise copy and its transpose, byte for byte
+# formats.quantize_fp8 (TE's CurrentScalingQuantizerRef), for E4M3 and E5M2, with the scale's
+# special cases (amax 0 -> scale 1; a scale that overflows -> the input dtype's max)
+from nvfp4.formats import quantize_fp8
+fp8_cases = 0
+for dtype in (torch.float32, torch.bfloat16):
+    for fp8, code in kernels.FP8_CODES.items():
+        for rows, cols, kind in ((64, 128, "randn"), (40, 72, "randn"), (48, 32, "zeros"), (32, 64, "tiny")):
+            x = torch.randn(rows, cols, generator=g, device=device) * torch.logspace(-3, 3, cols, device=device)
+            # tiny: 448 / amax overflows (normal values: the interpreter mishandles subnormal bf16)
+            tiny = (1 + torch.rand(rows, cols, generator=g, device=device)) * x.sign() * 1e-37
+            x = {{"randn": x, "zeros": x * 0, "tiny": tiny}}[kind].to(dtype)
+            ref = quantize_fp8(x, fp8)
+            values, values_t, scale_inv = torch.ops.nvfp4.quantize_fp8(x, code, True, True)
+            expected = ref.values.to(fp8).view(torch.uint8)
+            for got, want, copy in ((values, expected, "rowwise"), (values_t, expected.t(), "transposed")):
+                bad = got.view(torch.uint8) != want
+                assert not bad.any(), (copy, dtype, fp8, rows, cols, kind, bad.sum().item(),
+                                       got.float()[bad][:4].tolist(), want.view(fp8).float()[bad][:4].tolist())
+            assert bitwise(scale_inv, ref.scale_inv), (dtype, fp8, kind, scale_inv, ref.scale_inv)
+            fp8_cases += 1
+print("fp8", fp8_cases)
 
 # the recipe's other options through the op the layers call, against formats.quantize_nvfp4:
 # 4over6 (MAE / MSE, bound 256 / 448, 1x16 and 16x16), row-scaled amaxes (with and without RHT),
 # and TE's dequantized rowwise copy
-def same(a, b):
-    a, b = a.float(), b.float()
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num().view(torch.int32), b.nan_to_num().view(torch.int32))
 options = 0
 for dtype in (torch.float32, torch.bfloat16):
     x = (torch.randn(48, 96, generator=g, device=device) * torch.logspace(-3, 3, 96, device=device)).to(dtype)
@@ -212,15 +250,16 @@ for dtype in (torch.float32, torch.bfloat16):
                                               (None, 448, 1, True, True), ("MSE", 256, 1, True, False),
                                               (None, 448, 16, False, False)]:
         columnwise = tile == 1
-        out = torch.ops.nvfp4.quantize(x, torch.empty(0, dtype=torch.int64, device=device), tile, True,
-                                       columnwise, rht, False, {{None: 0, "MAE": 1, "MSE": 2}}[mode],
-                                       bound, row_scaled, True)
-        row, col, amax, deq = out[:2], out[2:4], out[4], out[5]
+        out = torch.ops.nvfp4.quantize(x, torch.empty(0, dtype=torch.int64, device=device), tile, PACKED | VALUES,
+                                       (PACKED | VALUES) if columnwise else 0, rht, False,
+                                       {{None: 0, "MAE": 1, "MSE": 2}}[mode], bound, row_scaled, True)
+        row, col, amax, deq = out[1:3], out[4:6], out[6], out[7]
+        assert same_values(out[0], values_of(row)) and (not columnwise or same_values(out[3].t(), values_of(col)))
         opts = dict(four_over_six=mode, e4m3_max=bound, row_scaled=row_scaled)
         ref = quantize_nvfp4(x, tile_rows=tile, **opts)
         assert same_bytes(row, ref), ("rowwise bytes", dtype, mode, bound, tile, row_scaled)
-        assert same(values_of(row), ref.values()), ("rowwise", dtype, mode, bound, tile, row_scaled)
-        assert same(deq, ref.dequantize().to(dtype)), ("dequantized", dtype, mode, bound, tile, row_scaled)
+        assert bitwise(values_of(row), ref.values()), ("rowwise", dtype, mode, bound, tile, row_scaled)
+        assert bitwise(deq, ref.dequantize().to(dtype)), ("dequantized", dtype, mode, bound, tile, row_scaled)
         amaxes = [ref.amax.reshape(-1)]
         # the RHT's 16 products summed on tensor cores: torch's matmul adds them in another order,
         # so on CUDA fp32 RHT values (and their amaxes) agree up to that (see "transposed" above)
@@ -229,14 +268,14 @@ for dtype in (torch.float32, torch.bfloat16):
             xt = x.t().contiguous()
             ref_t = quantize_nvfp4(random_hadamard_transform(xt) if rht else xt, **opts)
             agree = (values_of(col) == ref_t.values()).float().mean().item()
-            assert same(values_of(col), ref_t.values()) or (not exact and agree >= 0.99), ("columnwise", dtype, mode, rht, agree)
+            assert bitwise(values_of(col), ref_t.values()) or (not exact and agree >= 0.99), ("columnwise", dtype, mode, rht, agree)
             assert not exact or same_bytes(col, ref_t), ("columnwise bytes", dtype, mode, rht)
             amaxes.append(ref_t.amax.reshape(-1))
         if row_scaled:
             got, want = amax[:len(amaxes[0]) + (len(amaxes[1]) if columnwise else 0)], torch.cat(amaxes)
-            assert same(got, want) or (not exact and torch.allclose(got, want, rtol=1e-6)), ("amax", dtype, rht)
+            assert bitwise(got, want) or (not exact and torch.allclose(got, want, rtol=1e-6)), ("amax", dtype, rht)
         else:
-            assert same(amax[0], amaxes[0][0]), ("amax", mode)
+            assert bitwise(amax[0], amaxes[0][0]), ("amax", mode)
         options += 1
 # 4over6 ties with different candidates: blocks [6, v, 0, ...] in a tensor of amax 6 give
 # map-to-6 v -> round(v) and map-to-4 v -> 1.5 round(v / 1.5), errors exact; for these v both
@@ -245,10 +284,10 @@ tie = torch.zeros(7, 32, device=device)
 tie[:, 0] = 6.0
 tie[:, 1] = torch.tensor([0.625, 0.875, 1.25, 1.75, 2.125, 3.5, 4.25], device=device)
 for mode in (1, 2):
-    out = torch.ops.nvfp4.quantize(tie, torch.empty(0, dtype=torch.int64, device=device), 1, True, False,
+    out = torch.ops.nvfp4.quantize(tie, torch.empty(0, dtype=torch.int64, device=device), 1, PACKED, 0,
                                    False, False, mode, 256, False, False)
     expected = quantize_nvfp4(tie, four_over_six=("MAE", "MSE")[mode - 1], e4m3_max=256).values()
-    assert same(values_of(out[:2]), expected) and torch.equal(expected[:, 1].cpu(), torch.tensor([0.5, 1, 1, 2, 2, 4, 4]) * 256)
+    assert bitwise(values_of(out[1:3]), expected) and torch.equal(expected[:, 1].cpu(), torch.tensor([0.5, 1, 1, 2, 2, 4, 4]) * 256)
 print("options", options)
 
 # stochastic rounding from an in-kernel seed, for each copy (columnwise: of x^T, whose copy
@@ -294,7 +333,7 @@ def interpreter_loops() -> bool:
 def run_check(device: str, check_gemm: bool, env=None):
     """Run CHECK in a fresh interpreter; every check printed its line, or it failed."""
     stdout = run_python(CHECK.format(repo=str(REPO), device=device, check_gemm=check_gemm), env)
-    for line in ("bitwise 28", "transposed 32", "ties ok", "row tiles ok", "both copies ok", "op ok",
+    for line in ("bitwise 28", "transposed 32", "ties ok", "row tiles ok", "both copies ok", "op ok", "fp8 16",
                  "seeded sr ok False", "seeded sr ok True", "options 18",
                  "gemm 40" if check_gemm else "gemm skipped"):
         assert line in stdout, line
