@@ -248,6 +248,9 @@ class Command:
                                            "pretrain: in the pretraining precision", choices=["bf16", "pretrain"])
     benchmark: Optional[int] = flag(None, "time N steps after warm-up and exit", metavar="N")
     benchmark_synthetic: bool = flag(False, "with --benchmark: a fixed batch on the device, model and optimizer only")
+    profile: bool = flag(False, "with --benchmark: profile 20 more steps (torch.profiler), print CUDA time per step "
+                                "by kernel group (GEMM, quantize, attention, ...) and the top kernels, and write a "
+                                "Chrome trace to the out dir")
     variants: tuple = ()  # --compare: one Variant (label, validated Config) each
     sweep_seeds: tuple = ()  # --compare: the seeds of --seeds (or --seed)
     explicit: frozenset = frozenset()  # the dests given on the command line (a resumed run applies these)
@@ -353,6 +356,8 @@ def parse_config(argv=None) -> tuple:
         raise UsageError(f"--benchmark must be positive, got {command.benchmark}")
     if command.benchmark_synthetic and command.benchmark is None:
         raise UsageError("--benchmark-synthetic needs --benchmark N")
+    if command.profile and command.benchmark is None:
+        raise UsageError("--profile needs --benchmark N")
     if command.seeds is not None and command.compare is None:
         raise UsageError("--seeds needs --compare (a single run takes --seed)")
     finetune_given = {"finetune_epochs", "finetune_precision"} & explicit
@@ -2385,8 +2390,10 @@ def memory_parts(train_step: TrainStep, batch) -> dict:
             "saved_x_gib": saved["x"] / 2 ** 30, "saved_w_gib": saved["w"] / 2 ** 30}
 
 
-def run_benchmark(config: Config, steps: int, synthetic: bool, warmup_steps=20) -> dict:
-    """--benchmark N: warm up (compile), time N steps; img/s, step ms, peak memory, data wait, MFU."""
+def run_benchmark(config: Config, steps: int, synthetic: bool, profile: bool = False, warmup_steps=20,
+                  profile_steps=20) -> dict:
+    """--benchmark N: warm up (compile), time N steps; img/s, step ms, peak memory, data wait, MFU;
+    with profile, where 20 more steps' GPU time goes (workbench.profile)."""
     device, o, m = torch.device(config.run.device), config.optim, config.model
     if device.type != "cuda":
         raise UsageError("--benchmark measures GPU time; run it on a CUDA device")
@@ -2433,6 +2440,15 @@ def run_benchmark(config: Config, steps: int, synthetic: bool, warmup_steps=20) 
           f"copies and {r['saved_w_gib']:.3f} GiB of w copies for backward")
     out = Path(config.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)  # check_writable ran before the warm-up
+    if profile:
+        from workbench.profile import profile_steps as profile_run, report_lines
+        trace = out / f"profile_{config.precision.name}_{m.preset}_b{o.batch_size}.json"
+        summary = profile_run(lambda: train_step(*next(batches), o.peak_lr, warmup_steps + steps), profile_steps, trace)
+        for line in report_lines(summary, profile_steps):
+            print(f"[profile] {line}")
+        print(f"[profile] Chrome trace: {trace}")
+        result["profile_ms"] = summary["groups_ms"]
+        result["profile_top"] = summary["top"]
     with open(out / "benchmarks.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     return result
@@ -2465,7 +2481,7 @@ def main(argv=None):
         if config.run.compile:
             start_compile_workers()
         if command.mode == "benchmark":
-            return run_benchmark(config, command.benchmark, command.benchmark_synthetic)
+            return run_benchmark(config, command.benchmark, command.benchmark_synthetic, command.profile)
         if command.mode == "compare":
             return run_compare(command.variants, command.sweep_seeds, Finetune.of(command))
         run_dir, ckpt, changes = None, None, []
