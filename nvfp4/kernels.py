@@ -1,25 +1,33 @@
-"""Fused Triton kernels for NVFP4 on GPUs, bitwise equal to formats.quantize_nvfp4.
+"""Fused Triton kernels for NVFP4 (and FP8) on GPUs, bitwise equal to formats.quantize_nvfp4
+(formats.quantize_fp8).
 
 The op `quantize` reads a GEMM operand twice. The amax kernel reads it once for both global
 amaxes (of the operand, and of RHT(operand^T) for the wgrad copy). The quantize kernel reads
-each [16, 128] tile once, computes its 1x16 (or 16x16) block amaxes, rounds the E4M3 block
-scales, scales, rounds to E2M1 (to nearest even, or stochastically) and writes TE's bytes (E2M1
-codes two a byte, E4M3 scale bytes) for up to two copies: rowwise, and columnwise, where blocks
-run 16 down a column, i.e. the 1x16 blocks of the transpose, handled on the tile's transpose
-(RHT: one [128, 16] @ [16, 16] dot), so that each block's scale is computed by few threads and
-each block's 8 bytes land in one row of TE's columnwise layout: no transposed copy of the
-operand, no cuBLAS matmul with a 16x16 matrix.
+each [16, 128] tile once (64 wide where 128 does not divide the width), computes its 1x16 (or
+16x16) block amaxes, rounds the E4M3 block scales, scales, rounds to E2M1 (to nearest even, or
+stochastically) and writes up to two copies: rowwise, and columnwise, where blocks run 16 down a
+column, i.e. the 1x16 blocks of the transpose, handled on the tile's transpose (RHT: one
+[BLOCK_C, 16] @ [16, 16] dot), so that each block's scale is computed by few threads. Each copy
+is written in one or both of two forms: the exact GEMM operand values (code x scale, bf16, in the
+operand's layout for both copies: a GEMM takes the columnwise one transposed), for copies a GEMM
+consumes at once; and TE's bytes (E2M1 codes two a byte, E4M3 scale bytes; the columnwise copy in
+TE's transposed layout), for copies kept for backward, which `unpack` expands once before their
+GEMM. No transposed copy of the operand, no cuBLAS matmul with a 16x16 matrix.
 
-The kernel does little arithmetic per byte, and its per-element rounding shares the
-integer/logic pipe with the index math, so the rounding uses bit operations where compares and
-selects would do.
+The kernel does little arithmetic per byte and is bound by instruction issue, mostly of the
+integer/logic pipe, which runs at half the FMA pipe's rate; so the rounding uses bit operations
+and FMAs where compares and selects would do, block scales round through the hardware's E4M3
+conversion, and 3-D reshapes of the dot's output (which move data through shared memory) are
+avoided.
 
 Exactness: every step is the fp32 operation of formats.quantize_nvfp4 (IEEE division via
 div_rn; divisions by powers of two are exact multiplications), and round-to-nearest-even is the
-(y + c) - c identity, c = 2^23 times the grid spacing. The RHT sums 16 exact products in
-fp32, as TE's own RHT kernel does on tensor cores; its summation order, like any GEMM's, is the
-implementation's (the reference's torch.matmul has its own). tests/test_kernels.py checks the
-kernels on the GPU and through Triton's CPU interpreter.
+(y + c) - c identity, c = 2^23 times the grid spacing (stochastic rounding's floor: the same with
+the add rounded toward zero). The RHT sums 16 exact products in fp32, as TE's own RHT kernel does
+on tensor cores; its summation order, like any GEMM's, is the implementation's (the reference's
+torch.matmul has its own). tests/test_kernels.py checks the kernels on the GPU and through
+Triton's CPU interpreter (which truncates float conversions: there the roundings are spelled out
+in bits).
 
 Stochastic rounding draws its 8 bits per element in the kernel (Philox, from a seed tensor drawn
 from torch's generator; the columnwise copy from seed + 1), so no random tensor is
@@ -28,8 +36,9 @@ reference bit for bit.
 
 `scaled_mm` is the GEMM of fprop and dgrad with TE's epilogue fused: alpha from the two global
 amaxes, the bias, one rounding to the output dtype, so the fp32 product never goes to memory. It
-multiplies exact 16-bit operand values (NVFP4: the packed copies expanded by
-linear.PackedOperand.operand; emulated FP8: the FP8 values).
+multiplies exact 16-bit operand values (NVFP4: the values copies; emulated FP8: the FP8 values).
+`quantize_fp8` is TE's current scaling in two reads (amax, then one kernel writing the FP8 copy
+and its transpose).
 """
 from typing import Optional
 
