@@ -306,7 +306,10 @@ class _QuantizedLinearFn(torch.autograd.Function):
                                   dequantized=need_dw and dequantized)
         wq, wt, w_deq = _quantize(recipe, "w", weight, name, col=PACKED if need_dx and quantized_backward else None,
                                   dequantized=need_dx and dequantized)
-        y = _gemm(xq, wq.t(), bias, x.dtype)
+        # TE (module/linear.py): a quantized GEMM takes no fp32 bias, so with fp32 activations the
+        # bias is cast to bf16 first
+        gemm_bias = bias.to(torch.bfloat16) if bias is not None and x.dtype == torch.float32 else bias
+        y = _gemm(xq, wq.t(), gemm_bias, x.dtype)
         if quantized_backward:
             (saved_x, x_layout), (saved_w, w_layout) = _kept(xt), _kept(wt)
             ctx.layouts = (x_layout, w_layout, len(saved_x))
@@ -344,8 +347,9 @@ class _QuantizedLinearFn(torch.autograd.Function):
                 dw = _high_precision_mm(dy.t(), x_saved)
         if dw is not None:
             dw = dw.to(ctx.w_dtype)
-        if ctx.need_db:
-            db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)  # from the unquantized dY, as TE
+        if ctx.need_db:  # from the unquantized dY, summed in fp32 and written in dY's dtype, as TE's
+            # bgrad_quantize allocates it; autograd then casts it to the bias's dtype
+            db = dy.sum(0, dtype=torch.float32).to(dy.dtype).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None, None
 
 

@@ -43,7 +43,7 @@ class Precision:
         recipe = recipe or DEFAULT_RECIPES.get(name)
         if recipe is not None and recipe.name != name:
             raise ValueError(f"a {recipe.name} recipe cannot run precision {name}")
-        kind, label, reason = _select_backend(backend, name, recipe is not None, device, te_import)
+        kind, label, reason = _select_backend(backend, name, recipe, device, te_import)
         if name == "fp8" and kind == "torch" and backend == "auto" and native_fp8(device):
             recipe = NativeFP8Recipe(**asdict(recipe))
             label = "FP8 GEMMs on FP8 tensor cores (torch._scaled_mm), TE's current scaling in PyTorch"
@@ -97,15 +97,16 @@ def native_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def _select_backend(requested: str, name: str, quantized: bool, device, te_import):
-    """(kind, display name, reason or None); raises BackendError when --backend te cannot run."""
+def _select_backend(requested: str, name: str, recipe, device, te_import):
+    """(kind, display name, reason or None); raises BackendError when backend te cannot run."""
+    quantized = recipe is not None
     emulated = f"emulated {name.upper()} in PyTorch" if quantized else f"PyTorch {name}"
     if requested == "emulated" or (requested == "auto" and not quantized):
         return "torch", emulated, "as asked" if requested == "emulated" else None
     if requested not in ("auto", "te"):
         raise ValueError(f"backend must be auto, te or emulated, got {requested!r}")
     te, problem = te_import()
-    problem = problem or te_backend.device_problem(name, device)
+    problem = problem or te_backend.device_problem(name, device) or te_backend.recipe_problem(recipe)
     if problem is None:
         recipe = te_backend.RECIPE_NAME.get(name, "no quantization recipe")
         return "te", f"Transformer Engine {getattr(te, '__version__', '?')}, {recipe}", None

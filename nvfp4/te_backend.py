@@ -6,6 +6,8 @@ Hopper). Everywhere else the emulation in `nvfp4.linear` runs the same recipe in
 from dataclasses import fields
 from functools import lru_cache
 
+from typing import Optional
+
 import torch
 
 from .formats import FP8Recipe, NVFP4Recipe
@@ -38,6 +40,16 @@ def device_problem(precision: str, device: torch.device):
     if needed and capability < needed:
         return (f"TE's {precision.upper()} GEMMs need compute capability >= {needed[0]}.{needed[1]}; "
                 f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
+    return None
+
+
+def recipe_problem(recipe) -> Optional[str]:
+    """Why TE's modules cannot run `recipe` in this model, or None: TE 2.20's LayerNormMLP asserts
+    that the recipe's backward_override is None (module/layernorm_mlp.py), and every block of
+    the model has one."""
+    if getattr(recipe, "backward_override", None) is not None:
+        return (f"TE 2.20's LayerNormMLP has no backward_override (it asserts it is None; the recipe "
+                f"asks for {recipe.backward_override!r})")
     return None
 
 

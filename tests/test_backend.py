@@ -124,3 +124,18 @@ def test_te_model_trains_with_its_recipe():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_te_backend_refuses_backward_override(gpu):
+    """TE 2.20's LayerNormMLP asserts that the recipe's backward_override is None
+    (pytorch/module/layernorm_mlp.py), and every block has one: backend te refuses it up front,
+    auto runs the emulation and says why."""
+    from nvfp4 import NVFP4Recipe, FP8Recipe
+    gpu(10, 0, "NVIDIA B200")
+    for name, recipe in (("nvfp4", NVFP4Recipe(backward_override="high_precision")),
+                         ("fp8", FP8Recipe(backward_override="dequantized"))):
+        with pytest.raises(te_backend.BackendError, match="LayerNormMLP has no backward_override"):
+            Precision.resolve(name, CUDA, backend="te", amp=False, recipe=recipe, te_import=FAKE_TE)
+        auto = Precision.resolve(name, CUDA, backend="auto", amp=False, recipe=recipe, te_import=FAKE_TE)
+        assert auto.backend == "torch" and "LayerNormMLP" in auto.describe()[0]
+        assert Precision.resolve(name, CUDA, backend="te", amp=False, te_import=FAKE_TE).backend == "te"

@@ -42,8 +42,8 @@ def test_nvfp4_gemms_equal_manual_computation(recipe):
     qwt = quantize_nvfp4(w.t().contiguous(), tile_rows=1 if recipe.disable_2d_quantization else 16)
     rht = (lambda t: t) if recipe.disable_rht else random_hadamard_transform
     qxt, qdyt = quantize_nvfp4(rht(x.t().contiguous())), quantize_nvfp4(rht(dy.t().contiguous()))
-    torch.testing.assert_close(y.double(), gemm64(qx.values(), qx.amax, qw.values(), qw.amax) + b.double(),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y.double(), gemm64(qx.values(), qx.amax, qw.values(), qw.amax) + b.bfloat16().double(),
+                               rtol=1e-6, atol=1e-6)  # fp32 activations: the bias in bf16, as TE
     torch.testing.assert_close(dx.double(), gemm64(qdy.values(), qdy.amax, qwt.values(), qwt.amax),
                                rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(dw.double(), gemm64(qdyt.values(), qdyt.amax, qxt.values(), qxt.amax),
@@ -73,8 +73,8 @@ def test_fp8_gemms_equal_manual_computation(recipe, monkeypatch):
     rtol = 1e-4 if recipe.native else 1e-6
     qx, qw = quantize_fp8(x, torch.float8_e4m3fn), quantize_fp8(w, torch.float8_e4m3fn)
     qdy = quantize_fp8(dy, torch.float8_e5m2)
-    torch.testing.assert_close(y.double(), gemm64(qx.values, qx.scale_inv, qw.values, qw.scale_inv, 1) + b.double(),
-                               rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(y.double(), gemm64(qx.values, qx.scale_inv, qw.values, qw.scale_inv, 1) + b.bfloat16().double(),
+                               rtol=rtol, atol=1e-6)  # fp32 activations: the bias in bf16, as TE
     torch.testing.assert_close(dx.double(), gemm64(qdy.values, qdy.scale_inv, qw.values.t(), qw.scale_inv, 1),
                                rtol=rtol, atol=1e-9)
     torch.testing.assert_close(dw.double(), gemm64(qdy.values.t(), qdy.scale_inv, qx.values.t(), qx.scale_inv, 1),
@@ -97,6 +97,29 @@ def test_native_fp8_bias_rounds_once_in_bf16():
     qx, qw = quantize_fp8(x, torch.float8_e4m3fn), quantize_fp8(w, torch.float8_e4m3fn)
     want = (gemm64(qx.values, qx.scale_inv, qw.values, qw.scale_inv, 1) + b.double()).to(torch.bfloat16)
     assert torch.equal(run_linear(NativeFP8Recipe(), x, w, b, dy)[0], want)
+
+
+@pytest.mark.parametrize("recipe", [NVFP4Recipe(), FP8Recipe()], ids=["nvfp4", "fp8"])
+def test_bias_takes_te_dtypes(recipe):
+    """TE 2.20 (pytorch/module/linear.py, the forward): with fp32 activations a quantized GEMM's
+    bias is cast to bf16 first (cuBLAS takes no fp32 bias there), so X = W = 0 and b = 1 + 2^-10
+    give Y = 1.0; the bias gradient is dY summed in fp32 and written in dY's dtype
+    (csrc/extensions/bias.cpp: bgrad_quantize allocates dbias in grad_output's dtype), so under
+    bf16 autocast dY = [1, 2^-8] gives db = bf16(1 + 2^-8) = 1.0, not 1.00390625."""
+    x, w = torch.zeros(16, 32, requires_grad=True), torch.zeros(16, 32, requires_grad=True)
+    b = torch.full((16,), 1 + 2 ** -10, requires_grad=True)
+    y = quantized_linear(x, w, b, recipe)
+    assert y.dtype == torch.float32 and torch.equal(y, torch.ones_like(y))
+    assert torch.equal(quantized_linear(x, w, b, None), torch.full_like(y, 1 + 2 ** -10))  # unquantized: fp32
+    dy = torch.zeros(16, 16)
+    dy[0], dy[1] = 1.0, 2 ** -8
+    y.backward(dy)
+    assert b.grad.dtype == torch.float32 and torch.equal(b.grad, torch.full((16,), 1 + 2 ** -8))  # fp32 dY: exact
+    b.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = quantized_linear(x, w, b, recipe)
+    y.backward(dy.to(y.dtype))
+    assert b.grad.dtype == torch.float32 and torch.equal(b.grad, torch.ones(16))
 
 
 @pytest.mark.parametrize("recipe, x_bytes, w_bytes", [

@@ -213,7 +213,8 @@ RECIPES = {
 def test_linear_gemms_against_te(te_reference, name, dtype):
     """fprop, dgrad and wgrad of our layer equal TE's reference qgemm on TE's quantized operands
     (the GEMM epilogue with per-row amaxes, and the 256 bound's alpha, included), up to the fp32
-    summation order; the bias is added in the output dtype."""
+    summation order; the bias is added in the output dtype, cast to bf16 first where that is fp32
+    (TE's module/linear.py); the bias gradient is dY summed in fp32, in dY's dtype (bgrad_quantize)."""
     gemm = te_reference.gemm
     recipe = RECIPES[name]
     x, w, b, dy = layer_inputs(dtype)
@@ -229,10 +230,10 @@ def test_linear_gemms_against_te(te_reference, name, dtype):
     te_dx = te_gemm(qdy.data, qw.data_t, qdy.scale, qw.scale_t, gemm.GEMMType.DGRAD, qdy, qw, dtype)
     te_dw = te_gemm(qdy.data_t, qx.data_t, qdy.scale_t, qx.scale_t, gemm.GEMMType.WGRAD, qdy, qx, dtype)
     tolerance = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
-    torch.testing.assert_close(y, (te_y + b.to(dtype)).to(dtype), **tolerance)
+    torch.testing.assert_close(y, (te_y + b.to(torch.bfloat16).float()).to(dtype), **tolerance)
     torch.testing.assert_close(dx, te_dx, **tolerance)
     torch.testing.assert_close(dw, te_dw.float(), **tolerance)  # TE writes wgrad in the activation dtype
-    torch.testing.assert_close(db, dy.float().sum(0))
+    torch.testing.assert_close(db, dy.float().sum(0).to(dtype).float())
 
 
 def test_unpacked_bytes_are_te_codes(te_reference):
