@@ -312,10 +312,13 @@ def _block_amax(x: torch.Tensor, tile_rows: int) -> torch.Tensor:
 
 
 def _tensor_amax(x: torch.Tensor, row_scaled: bool) -> torch.Tensor:
-    """max |x| in fp32: of the tensor, or of each row (row-scaled)."""
+    """max |x| in fp32: of the tensor, or of each row (row-scaled). TE's reference's own ops
+    (torch.max, not amax), so that a NaN amax has TE's bit pattern too (torch's CPU max of fp32
+    writes 0xffffffff, where amax writes 0x7fc00000)."""
     if row_scaled:
-        return x.abs().amax(1).to(torch.float32) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
-    return x.abs().amax().to(torch.float32) if x.numel() else torch.zeros((), device=x.device)
+        return (torch.max(torch.abs(x), dim=1).values.to(torch.float32) if x.shape[1]
+                else torch.zeros(x.shape[0], device=x.device))
+    return torch.max(torch.abs(x)).to(torch.float32) if x.numel() else torch.zeros((), device=x.device)
 
 
 def _check_quantizer(tile_rows, stochastic, four_over_six, e4m3_max, row_scaled) -> Optional[str]:
@@ -348,18 +351,21 @@ def quantize_nvfp4(x: torch.Tensor, tile_rows: int = 1, stochastic: bool = False
     four_over_six = _check_quantizer(tile_rows, stochastic, four_over_six, e4m3_max, row_scaled)
     rows, cols = x.shape
     amax = _tensor_amax(x, row_scaled)
-    row_amax = amax[:, None] if row_scaled else amax  # broadcast over each row's blocks
+    row_amax = amax[:, None, None] if row_scaled else amax.view(1)  # TE: (rows, 1, 1), or (1,)
     padded = torch.nn.functional.pad(x, (0, -cols % BLOCK, 0, -rows % tile_rows))
     g_enc = global_encode_scale(row_amax, e4m3_max)
     g_dec = torch.div(1.0, g_enc)
-    block_amax = _block_amax(padded, tile_rows).to(torch.float32)
+    # per-block values as [rows, blocks, 1], TE's vec_max shape: torch's CPU kernels write a NaN's
+    # bits by shape (vectorized min on a contiguous dim: 0xffffffff), and this keeps TE's
+    block_amax = _block_amax(padded, tile_rows).to(torch.float32)[..., None]
     blocks = padded.to(torch.float32).view(padded.shape[0], -1, BLOCK)
     if four_over_six:
         codes, scales = _four_over_six(blocks, block_amax, row_amax, g_enc, g_dec, four_over_six, e4m3_max, tile_rows)
-        return NVFP4Tensor(codes.flatten(1)[:rows, :cols], scales[:rows], amax, e4m3_max)
+        return NVFP4Tensor(codes.flatten(1)[:rows, :cols], scales[:rows, :, 0], amax, e4m3_max)
     multiplier = g_enc * torch.reciprocal(torch.tensor(E2M1_MAX, device=x.device))
     scales = round_e4m3_scale(block_amax * multiplier)
     blocks = _scale_to_e2m1(blocks, scales, g_dec)
+    scales = scales[..., 0]
     if stochastic:
         bits = random_bits(x.shape, x.device, generator) if bits is None else bits
         bits = torch.nn.functional.pad(bits, (0, -cols % BLOCK, 0, -rows % tile_rows))
@@ -371,9 +377,10 @@ def quantize_nvfp4(x: torch.Tensor, tile_rows: int = 1, stochastic: bool = False
 
 
 def _scale_to_e2m1(blocks: torch.Tensor, scales: torch.Tensor, g_dec: torch.Tensor) -> torch.Tensor:
-    """blocks * encode, clamped to [-6, 6], where encode = min(1 / (scale * g_dec), FLT_MAX) (TE)."""
+    """blocks * encode, clamped to [-6, 6], where encode = min(1 / (scale * g_dec), FLT_MAX) (TE);
+    scales [rows, blocks, 1]."""
     encode = torch.minimum(torch.div(1.0, scales * g_dec), torch.tensor(FP32_MAX, device=blocks.device))
-    return torch.clamp(blocks * encode[..., None], -E2M1_MAX, E2M1_MAX)
+    return torch.clamp(blocks * encode, -E2M1_MAX, E2M1_MAX)
 
 
 def _four_over_six(blocks, block_amax, amax, g_enc, g_dec, err_mode: str, e4m3_max: int, tile_rows: int):
@@ -386,19 +393,23 @@ def _four_over_six(blocks, block_amax, amax, g_enc, g_dec, err_mode: str, e4m3_m
     base = torch.div(block_amax, torch.tensor(E2M1_MAX, device=blocks.device)) * g_enc
     denom = torch.tensor(E2M1_MAX * e4m3_max, device=blocks.device)
     candidates = []
-    for scale in (round_e4m3_scale(base * 1.5), round_e4m3_scale(base)):
+    # TE's 4over6 path clamps with tensor bounds and no FLT_MAX bound first (which changes only
+    # a NaN's bits: torch's vectorized minimum writes 0xffffffff, TE's sequence keeps 0x7fc00000)
+    bound = torch.tensor(E4M3_MAX, device=blocks.device)
+    e4m3 = lambda decode: torch.clamp(decode, min=-bound, max=bound).to(torch.float8_e4m3fn).to(torch.float32)
+    for scale in (e4m3(base * 1.5), e4m3(base)):  # [rows, blocks, 1]
         codes = round_e2m1(_scale_to_e2m1(blocks, scale, g_dec))
-        values = codes * scale[..., None]
+        values = codes * scale
         error = torch.zeros_like(block_amax)
         for i in range(BLOCK):
-            diff = (values[..., i] * amax) / denom - blocks[..., i]
+            diff = (values[..., i:i + 1] * amax) / denom - blocks[..., i:i + 1]
             error = error + (diff * diff if err_mode == "MSE" else diff.abs())
         candidates.append((codes, scale, error))
     (codes4, scale4, error4), (codes6, scale6, error6) = candidates
     if tile_rows != 1:
-        error4, error6 = _tile_error(error4), _tile_error(error6)
+        error4, error6 = _tile_error(error4[..., 0])[..., None], _tile_error(error6[..., 0])[..., None]
     pick4 = error4 < error6
-    return torch.where(pick4[..., None], codes4, codes6), torch.where(pick4, scale4, scale6)
+    return torch.where(pick4, codes4, codes6), torch.where(pick4, scale4, scale6)
 
 
 def _tile_error(error: torch.Tensor) -> torch.Tensor:
