@@ -250,13 +250,13 @@ def random_hadamard_transform(x: torch.Tensor) -> torch.Tensor:
 class NVFP4Tensor(NamedTuple):
     """A 2D NVFP4 tensor in emulation: E2M1 codes, E4M3 block scales (both as fp32) and amax."""
     codes: torch.Tensor   # [rows, cols] E2M1 values (signed), padding removed
-    scales: torch.Tensor  # [rows, cols_padded // 16] E4M3 decode scales
+    scales: torch.Tensor  # [rows (16x16 tiles: padded to 16), cols_padded // 16] E4M3 decode scales, TE's shape
     amax: torch.Tensor    # fp32: the amax TE's GEMM alpha uses, a scalar or (row-scaled) one per row
     e4m3_max: int = 448   # the global scale's E4M3 bound (256: 4over6 tensors that use it)
 
     def values(self) -> torch.Tensor:
         """code * block scale: exact in fp32 and in bf16 (the GEMM operand)."""
-        return (self._blocked(self.codes) * self.scales[..., None]).flatten(1)[:, :self.codes.shape[1]]
+        return (self._blocked(self.codes) * self._row_scales()[..., None]).flatten(1)[:, :self.codes.shape[1]]
 
     def row_amax(self) -> torch.Tensor:
         """amax shaped to broadcast over rows: a scalar, or [rows, 1] when row-scaled."""
@@ -265,14 +265,21 @@ class NVFP4Tensor(NamedTuple):
     def dequantize(self) -> torch.Tensor:
         """TE's dequantize kernel: code * (scale * amax * (1 / (6 * e4m3_max))), in fp32
         (finite where TE's overflows, see dequant_scale)."""
-        factor = dequant_scale(self.scales, self.row_amax(), self.e4m3_max)
+        factor = dequant_scale(self._row_scales(), self.row_amax(), self.e4m3_max)
         return (self._blocked(self.codes) * factor[..., None]).flatten(1)[:, :self.codes.shape[1]]
 
     def packed(self) -> tuple:
-        """TE's bytes: (data, scale) as TE's NVFP4 tensors store them, data uint8 [rows,
-        ceil(cols / 2)] with two E2M1 codes a byte (even column in the low nibble; 0-7 for +0 ... +6,
-        8-15 for -0 ... -6; NaN as 0, as TE's cast), scale float8_e4m3fn [rows, blocks]."""
-        return pack_e2m1(self.codes), self.scales.to(torch.float8_e4m3fn)
+        """TE's bytes, in the shapes of TE's reference: (data, scale) as TE's NVFP4 tensors store
+        them, data uint8 [rows, cols // 2] with two E2M1 codes a byte (even column in the low
+        nibble; 0-7 for +0 ... +6, 8-15 for -0 ... -6; NaN as 0, as TE's cast; an odd last column
+        is dropped, as TE's reference packs pairs: TE's kernels take even widths only), scale
+        float8_e4m3fn [rows, blocks] (16x16 tiles: rows padded to 16, each tile's scale on its
+        padded rows too)."""
+        return pack_e2m1(self.codes)[:, :self.codes.shape[1] // 2], self.scales.to(torch.float8_e4m3fn)
+
+    def _row_scales(self) -> torch.Tensor:
+        """The scales of the codes' rows (a 16x16 tile's padded rows left out)."""
+        return self.scales[:self.codes.shape[0]]
 
     def _blocked(self, t: torch.Tensor) -> torch.Tensor:
         pad = self.scales.shape[1] * BLOCK - t.shape[1]
@@ -361,7 +368,7 @@ def quantize_nvfp4(x: torch.Tensor, tile_rows: int = 1, stochastic: bool = False
     blocks = padded.to(torch.float32).view(padded.shape[0], -1, BLOCK)
     if four_over_six:
         codes, scales = _four_over_six(blocks, block_amax, row_amax, g_enc, g_dec, four_over_six, e4m3_max, tile_rows)
-        return NVFP4Tensor(codes.flatten(1)[:rows, :cols], scales[:rows, :, 0], amax, e4m3_max)
+        return NVFP4Tensor(codes.flatten(1)[:rows, :cols], scales[:, :, 0], amax, e4m3_max)
     multiplier = g_enc * torch.reciprocal(torch.tensor(E2M1_MAX, device=x.device))
     scales = round_e4m3_scale(block_amax * multiplier)
     blocks = _scale_to_e2m1(blocks, scales, g_dec)
@@ -373,7 +380,7 @@ def quantize_nvfp4(x: torch.Tensor, tile_rows: int = 1, stochastic: bool = False
     else:
         codes = round_e2m1(blocks)
     codes = codes.flatten(1)[:rows, :cols]
-    return NVFP4Tensor(codes, scales[:rows], amax)
+    return NVFP4Tensor(codes, scales, amax)  # scales of padded rows kept, TE's shape
 
 
 def _scale_to_e2m1(blocks: torch.Tensor, scales: torch.Tensor, g_dec: torch.Tensor) -> torch.Tensor:

@@ -536,7 +536,8 @@ class FP4Stats:
     def record(self, layer: str, kind: str, x: torch.Tensor, q: NVFP4Tensor) -> None:
         x = x.to(torch.float32)
         nonzero = x != 0
-        used = q.scales[q.scales > 0]
+        scales = q.scales[:x.shape[0]]  # the rows of x (a 16x16 tile's padded rows left out)
+        used = scales[scales > 0]
         error = torch.linalg.vector_norm(q.dequantize() - x) / torch.linalg.vector_norm(x).clamp_min(1e-30)
         self.rows[f"{layer}.{self.OPERAND[kind]}"] = {
             "flushed_to_zero": ((q.codes == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1),

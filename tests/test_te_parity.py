@@ -54,14 +54,14 @@ def assert_copy_matches(te_reference, mine, data, scale, amax, rows, cols, what)
     cols = codes.shape[1]  # TE's reference packs pairs and drops an odd last column (M // 2 bytes)
     # TE's cast maps NaN to code 0 (no threshold holds); ours keeps NaN: both dequantize to NaN
     assert_same(torch.where(torch.isnan(mine.codes), 0.0, mine.codes)[:, :cols], codes, what + " codes")
-    assert_same(mine.scales, scale.to(torch.float32)[:rows], what + " scales")
+    assert_same(mine.scales, scale.to(torch.float32), what + " scales")  # TE's shape: 16x16 tiles' padded rows
     # NaN included: the amax's bit pattern is TE's (what TE's torch ops give it)
     assert torch.equal(bits(mine.amax.reshape(-1)), bits(amax.reshape(-1))), (
         what + " amax bits", [hex(v & 0xFFFFFFFF) for v in bits(mine.amax.reshape(-1))[:2].tolist()],
         [hex(v & 0xFFFFFFFF) for v in bits(amax.reshape(-1))[:2].tolist()])
-    packed, scale_bytes = mine.packed()  # TE's own bytes: codes two a byte, E4M3 scales
-    assert torch.equal(packed[:, :data.shape[1]], data), what + " packed bytes"
-    ours, te = scale_bytes.view(torch.uint8), scale[:rows].view(torch.uint8)
+    packed, scale_bytes = mine.packed()  # TE's own bytes and shapes: codes two a byte, E4M3 scales
+    assert torch.equal(packed, data), (what + " packed bytes", tuple(packed.shape), tuple(data.shape))
+    ours, te = scale_bytes.view(torch.uint8), scale.view(torch.uint8)
     assert torch.equal(ours, te), (what + " scale bytes", ours[ours != te][:4].tolist(), te[ours != te][:4].tolist())
 
 
