@@ -160,6 +160,8 @@ class PrecisionConfig:
                                       "sensitive first and last layers in high precision", metavar="PATTERNS")
     fp4_stats: bool = flag(False, "log per-layer NVFP4 diagnostics (flushed-to-zero, at-block-max, scale range, "
                                   "error)")
+    # the recipe fields taken from TE's NVTE_* environment variables (a flag given wins), "NAME=value"
+    from_environment: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -369,9 +371,9 @@ def parse_config(argv=None) -> tuple:
         command = dataclasses.replace(command, finetune_epochs=COMPARE_FINETUNE_EPOCHS if command.mode == "compare" else 0)
     device = resolve_device(ns["device"])
     if command.mode in ("resume", "eval"):
-        return command, resolve_config(ns, ns["name"], device)
+        return command, resolve_config(ns, ns["name"], device, explicit)
     if command.mode != "compare":
-        return command, validate(resolve_config(ns, ns["name"], device))
+        return command, validate(resolve_config(ns, ns["name"], device, explicit))
     labels = split_variants(command.compare)
     if not labels or len(set(labels)) < len(labels):
         raise UsageError(f"--compare takes a comma-separated list of distinct variants (a precision from "
@@ -381,7 +383,7 @@ def parse_config(argv=None) -> tuple:
     if "nvfp4" not in precisions and switches_set(ns, NVFP4_ONLY):
         raise UsageError(f"{listed(switches_set(ns, NVFP4_ONLY))} to nvfp4, which --compare does not list")
     seeds = parse_seeds(command.seeds, ns["seed"])
-    variants = tuple(Variant(label, parse_variant(label, ns, device)) for label in labels)
+    variants = tuple(Variant(label, parse_variant(label, ns, device, explicit)) for label in labels)
     return dataclasses.replace(command, variants=variants, sweep_seeds=seeds), variants[0].config
 
 
@@ -418,7 +420,7 @@ def parse_seeds(text: Optional[str], seed: int) -> tuple:
     return seeds
 
 
-def parse_variant(label: str, ns: dict, device: torch.device) -> Config:
+def parse_variant(label: str, ns: dict, device: torch.device, explicit=frozenset()) -> Config:
     """'nvfp4:no-rht:nvfp4-4over6=all' -> the Config of precision nvfp4 with those flags (any flag
     of the precision section but --precision, named without --) on top of the command line's."""
     precision, *switches = label.split(":")
@@ -439,7 +441,8 @@ def parse_variant(label: str, ns: dict, device: torch.device) -> Config:
     parser.error = error
     given = vars(parser.parse_args(argv))
     try:
-        config = validate(resolve_config({**variant_flags(ns, precision), **given}, precision, device))
+        config = validate(resolve_config({**variant_flags(ns, precision), **given}, precision, device,
+                                         explicit | set(given)))
         # the model's own checks (layer patterns, GEMM shapes) before the first cell trains: on the
         # meta device, which allocates nothing, with the emulated layers (TE's have the same names)
         build_model(config.replace(backend="emulated"), torch.device("meta"), config.optim.batch_size)
@@ -457,21 +460,28 @@ def variant_flags(ns: dict, name: str) -> dict:
     return dict(ns, **{key: PRECISION_DEFAULTS[key] for key in reset})
 
 
-def resolve_config(ns: dict, name: Optional[str], device: torch.device) -> Config:
+def resolve_config(ns: dict, name: Optional[str], device: torch.device, explicit=frozenset()) -> Config:
     """One run's Config from the parsed flags, with the per-device defaults filled: AMP and
-    compile on GPUs, bf16 with AMP (else fp32), batch 256 on GPUs (32 on CPUs)."""
+    compile on GPUs, bf16 with AMP (else fp32), batch 256 on GPUs (32 on CPUs), and the recipe
+    switches that TE 2.20 takes from NVTE_* environment variables, where no flag (`explicit`:
+    the dests given) set them."""
     on_gpu = device.type == "cuda"
     amp = ns["amp"]
     name = name or ("bf16" if (on_gpu if amp is None else amp) else "fp32")
     amp = {"bf16": True, "fp32": False}.get(name, on_gpu) if amp is None else amp
     batch = ns["batch_size"] if ns["batch_size"] is not None else (256 if on_gpu else 32)
+    try:
+        environment = {key: found for key, found in nvfp4.recipe_environment(name).items() if key not in explicit}
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
     def section(cls, **resolved):
         return cls(**{**{f.name: ns[f.name] for f in fields(cls) if f.name in ns}, **resolved})
 
     return Config(
         data=section(DataConfig), model=section(MAEConfig, **MODEL_PRESETS[ns["preset"]]),
-        precision=section(PrecisionConfig, name=name, amp=amp),
+        precision=section(PrecisionConfig, name=name, amp=amp, **{key: value for key, (value, _) in environment.items()},
+                          from_environment=tuple(source for _, source in environment.values())),
         optim=section(OptimConfig, batch_size=batch),
         run=section(RunConfig, device=str(device), compile=on_gpu if ns["compile"] is None else ns["compile"]))
 
@@ -999,6 +1009,16 @@ def check_mask(mask: torch.Tensor, batch: int, num_patches: int, num_masked: int
 
 # ============================================================================= precision
 
+def precision_lines(config: Config, train_step) -> list:
+    """The startup lines of the run's precision: backend, quantized layers, recipe, and the recipe
+    switches taken from TE's environment variables."""
+    lines = train_step.precision.describe(train_step.model.gemms)
+    if config.precision.from_environment:
+        lines.append(f"from the environment, as TE takes them (a flag wins): "
+                     f"{', '.join(config.precision.from_environment)}")
+    return lines
+
+
 def resolve_precision(config: Config, device: torch.device) -> nvfp4.Precision:
     """The run's nvfp4.Precision: recipe, backend (and why), autocast dtype."""
     p = config.precision
@@ -1380,7 +1400,7 @@ class TrainingLoop:
         log.print(f"[model] {m.preset}: encoder {m.embed_dim}x{m.depth}, decoder {m.decoder_embed_dim}x"
                   f"{m.decoder_depth}, {m.img_size}px / patch {m.patch_size} = {m.num_patches} patches, "
                   f"{m.num_visible} visible | {sum(p.numel() for p in self.train_step.model.parameters()) / 1e6:.2f}M params")
-        for line in self.train_step.precision.describe(self.train_step.model.gemms):
+        for line in precision_lines(c, self.train_step):
             log.print(f"[precision] {line}")
         o = c.optim
         log.print(f"[optim] batch {o.batch_size} ({self.world} process{'es' if self.world > 1 else ''}), "
@@ -2401,7 +2421,7 @@ def run_benchmark(config: Config, steps: int, synthetic: bool, profile: bool = F
     seed_everything(config.run.seed)
     train_step = TrainStep(config, device)
     batches, loader = benchmark_batches(config, synthetic)
-    for line in train_step.precision.describe(train_step.model.gemms):
+    for line in precision_lines(config, train_step):
         print(f"[precision] {line}")
     # The peak is reset after the first two steps (the compile, with its autotuning's buffers) and
     # covers the rest of the warm-up: a CUDA-graphed step allocates its activations once, in its

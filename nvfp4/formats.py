@@ -11,6 +11,7 @@ FP8 value) plus one fp32 per-tensor factor. `values` have at most 6 significant
 bits, so they are exact in bfloat16 and their products are exact in fp32: a bf16
 GEMM with fp32 accumulation then computes what the FP4/FP8 tensor cores compute.
 """
+import os
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Optional
 
@@ -118,6 +119,43 @@ class NVFP4Recipe:
         if self.backward_override:
             line += f", backward {self.backward_override}"
         return line
+
+
+# TE 2.20 takes these recipe defaults from the environment (common/recipe/__init__.py): a switch
+# is on where its variable is "1", the 4over6 error mode is upper-cased, NVTE_BACKWARD_OVERRIDE
+# applies to every quantized recipe.
+NVFP4_ENVIRONMENT = {"disable_rht": "NVTE_NVFP4_DISABLE_RHT",
+                     "disable_stochastic_rounding": "NVTE_NVFP4_DISABLE_STOCHASTIC_ROUNDING",
+                     "disable_2d_quantization": "NVTE_NVFP4_DISABLE_2D_QUANTIZATION",
+                     "row_scaled_activation": "NVTE_NVFP4_ROW_SCALED_ACTIVATION", "nvfp4_4over6": "NVTE_NVFP4_4OVER6",
+                     "nvfp4_4over6_e4m3_use_256": "NVTE_NVFP4_4OVER6_E4M3_USE_256",
+                     "nvfp4_4over6_err_mode": "NVTE_NVFP4_4OVER6_ERR_MODE", "backward_override": "NVTE_BACKWARD_OVERRIDE"}
+
+
+def recipe_environment(precision: str, environ=None) -> dict:
+    """{field: (value, "NAME=raw")} of the recipe fields of `precision` ("fp8" or "nvfp4") that TE
+    2.20 would take from environment variables set in `environ` (default: os.environ), parsed as
+    TE parses them. Raises ValueError, naming the variable, for a value TE's recipe refuses."""
+    environ = os.environ if environ is None else environ
+    names = NVFP4_ENVIRONMENT if precision == "nvfp4" else (
+        {"backward_override": "NVTE_BACKWARD_OVERRIDE"} if precision == "fp8" else {})
+    found = {}
+    for field, name in names.items():
+        if name not in environ:
+            continue
+        raw = environ[name]
+        if field in ("nvfp4_4over6", "nvfp4_4over6_e4m3_use_256"):
+            value, choices = raw, SCOPES
+        elif field == "nvfp4_4over6_err_mode":
+            value, choices = raw.upper(), FOUR_OVER_SIX_ERR_MODES
+        elif field == "backward_override":
+            value, choices = raw, BACKWARD_OVERRIDES[1:]
+        else:
+            value, choices = raw == "1", None
+        if choices is not None and value not in choices:
+            raise ValueError(f"{name} must be unset or one of {', '.join(choices)}, got {raw!r}")
+        found[field] = (value, f"{name}={raw}")
+    return found
 
 
 @dataclass(frozen=True)

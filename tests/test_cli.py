@@ -436,3 +436,53 @@ def test_precision_object_describes_and_autocasts():
     assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(ValueError, match="cannot run precision fp8"):
         nvfp4.Precision.resolve("fp8", torch.device("cpu"), recipe=nvfp4.NVFP4Recipe())
+
+
+# ---- TE's NVTE_* recipe defaults ------------------------------------------------------------
+
+def test_recipe_switches_come_from_te_environment_variables_unless_a_flag_sets_them(monkeypatch):
+    """TE 2.20 takes its recipe defaults from NVTE_* variables (common/recipe/__init__.py: a switch
+    is on where its variable is "1"; the error mode is upper-cased): so does a run, where no flag
+    sets the field; the other precisions ignore them."""
+    monkeypatch.setenv("NVTE_NVFP4_DISABLE_RHT", "1")
+    monkeypatch.setenv("NVTE_NVFP4_DISABLE_STOCHASTIC_ROUNDING", "yes")  # not "1": off, as in TE
+    monkeypatch.setenv("NVTE_NVFP4_4OVER6", "weights")
+    monkeypatch.setenv("NVTE_NVFP4_4OVER6_ERR_MODE", "mse")
+    monkeypatch.setenv("NVTE_BACKWARD_OVERRIDE", "dequantized")
+    base = ["--device", "cpu", "--precision"]
+    _, config = asmae_minimal.parse_config(base + ["nvfp4"])
+    p = config.precision
+    assert (p.disable_rht, p.disable_stochastic_rounding, p.nvfp4_4over6, p.nvfp4_4over6_err_mode,
+            p.backward_override) == (True, False, "weights", "MSE", "dequantized")
+    assert set(p.from_environment) == {"NVTE_NVFP4_DISABLE_RHT=1", "NVTE_NVFP4_DISABLE_STOCHASTIC_ROUNDING=yes",
+                                       "NVTE_NVFP4_4OVER6=weights", "NVTE_NVFP4_4OVER6_ERR_MODE=mse",
+                                       "NVTE_BACKWARD_OVERRIDE=dequantized"}
+    _, config = asmae_minimal.parse_config(base + ["nvfp4", "--nvfp4-4over6", "none", "--backward-override",
+                                                   "high_precision"])  # flags win
+    assert config.precision.nvfp4_4over6 == "none" and config.precision.backward_override == "high_precision"
+    assert "NVTE_NVFP4_4OVER6=weights" not in config.precision.from_environment
+    _, config = asmae_minimal.parse_config(base + ["fp8"])  # FP8 takes NVTE_BACKWARD_OVERRIDE alone
+    assert config.precision.backward_override == "dequantized" and not config.precision.disable_rht
+    assert config.precision.from_environment == ("NVTE_BACKWARD_OVERRIDE=dequantized",)
+    _, config = asmae_minimal.parse_config(base + ["bf16"])  # no recipe: nothing taken, nothing refused
+    assert config.precision.from_environment == () and config.precision.backward_override is None
+    command, _ = asmae_minimal.parse_config(["--device", "cpu", "--compare", "bf16,nvfp4:no-2d-weights"])
+    nvfp4_cell = command.variants[1].config.precision
+    assert nvfp4_cell.disable_rht and nvfp4_cell.disable_2d_quantization and nvfp4_cell.from_environment
+
+
+def test_bad_te_environment_value_exits_2_naming_it(monkeypatch, capsys):
+    monkeypatch.setenv("NVTE_NVFP4_4OVER6", "everything")
+    with pytest.raises(SystemExit) as exit_info:
+        asmae_minimal.main(["--device", "cpu", "--precision", "nvfp4"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "NVTE_NVFP4_4OVER6 must be unset or one of none, weights, activations, all, got 'everything'" in err
+
+
+def test_a_run_says_which_switches_came_from_the_environment(tmp_path, cifar, monkeypatch, capsys):
+    monkeypatch.setenv("NVTE_NVFP4_DISABLE_2D_QUANTIZATION", "1")
+    cli(tmp_path, "--precision", "nvfp4", "--dataset", "cifar10", "--data-root", str(cifar), "--epochs", "1")
+    out = capsys.readouterr().out
+    assert "[precision] from the environment, as TE takes them (a flag wins): NVTE_NVFP4_DISABLE_2D_QUANTIZATION=1" in out
+    assert "weights in 1x16 blocks" in out
