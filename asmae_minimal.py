@@ -2461,17 +2461,23 @@ def run_benchmark(config: Config, steps: int, synthetic: bool, profile: bool = F
     out = Path(config.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)  # check_writable ran before the warm-up
     if profile:
-        from workbench.profile import profile_steps as profile_run, report_lines
-        trace = out / f"profile_{config.precision.name}_{m.preset}_b{o.batch_size}.json"
-        summary = profile_run(lambda: train_step(*next(batches), o.peak_lr, warmup_steps + steps), profile_steps, trace)
-        for line in report_lines(summary, profile_steps):
-            print(f"[profile] {line}")
-        print(f"[profile] Chrome trace: {trace}")
-        result["profile_ms"] = summary["groups_ms"]
-        result["profile_top"] = summary["top"]
+        result.update(profile_benchmark(config, train_step, batches, warmup_steps + steps, profile_steps))
     with open(out / "benchmarks.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     return result
+
+
+def profile_benchmark(config: Config, train_step: TrainStep, batches, first: int, steps: int) -> dict:
+    """--profile: `steps` more steps under torch.profiler; prints CUDA time per step by kernel
+    group and the top kernels, writes the Chrome trace to the out dir; the summary's numbers."""
+    from workbench.profile import profile_steps, report_lines
+    o, m = config.optim, config.model
+    trace = Path(config.run.out_dir) / f"profile_{config.precision.name}_{m.preset}_b{o.batch_size}.json"
+    summary = profile_steps(lambda: train_step(*next(batches), o.peak_lr, first), steps, trace)
+    for line in report_lines(summary, steps):
+        print(f"[profile] {line}")
+    print(f"[profile] Chrome trace: {trace}")
+    return {"profile_ms": summary["groups_ms"], "profile_top": summary["top"]}
 
 
 # ============================================================================= main

@@ -175,16 +175,17 @@ def _quantize_in_torch(spec: NVFP4Quantizer, kind: str, t: torch.Tensor, name: s
         q = _quantize_2d(spec, t)
         if _active_stats is not None:
             _active_stats.record(name, kind, t, q)
-        copies.update(_forms_of(q, "row", row_forms, t.device))
+        copies.update(_forms_of(q, "row", row_forms))
         deq = q.dequantize().to(t.dtype) if dequantized else None
     if col_forms:
         tt = t.t().contiguous()
         q = _quantize_2d(spec, random_hadamard_transform(tt) if spec.rht else tt)
-        copies.update(_forms_of(q, "col", col_forms, t.device))
+        copies.update(_forms_of(q, "col", col_forms))
     return copies, deq
 
 
-def _forms_of(q: NVFP4Tensor, copy: str, forms: set, device) -> dict:
+def _forms_of(q: NVFP4Tensor, copy: str, forms: set) -> dict:
+    """{(copy, form): the copy q in each asked form}."""
     out = {}
     if VALUES in forms:
         out[(copy, VALUES)] = Operand(q.values().to(_gemm_dtype(q.codes)), q.amax, q.e4m3_max)
