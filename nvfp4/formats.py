@@ -34,6 +34,9 @@ NVFP4_ALPHA_DENOM = alpha_denom()
 RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 
 
+# The forms a quantized copy is made in (bit flags): its exact GEMM values (code x E4M3 scale), and
+# TE's bytes (packed E2M1 codes and E4M3 scale bytes)
+VALUES, PACKED = 1, 2
 SCOPES = ("none", "weights", "activations", "all")  # TE's _NVFP4_4OVER6_SCOPES
 FOUR_OVER_SIX_ERR_MODES = ("MAE", "MSE")
 BACKWARD_OVERRIDES = (None, "high_precision", "dequantized")

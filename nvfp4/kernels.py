@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .formats import E4M3_MAXES, RHT_SIGNS, alpha_denom, dequant_factor
+from .formats import E4M3_MAXES, PACKED, RHT_SIGNS, VALUES, alpha_denom, dequant_factor
 
 INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)  # as triton.jit reads it (TRITON_INTERPRET=1)
 
@@ -197,7 +197,7 @@ def _random_uniform(seed, first_counter, WIDTH: tl.constexpr, GROUP: tl.constexp
     rows: tl.constexpr = first_counter.shape[0]
     counter = first_counter[:, None] + tl.arange(0, WIDTH // GROUP)[None, :]
     if GROUP == 8:
-        w0, w1 = _philox2x32(counter.to(tl.uint32), counter.to(tl.uint32) * 0, seed.to(tl.uint32))
+        w0, w1 = _philox2x32(counter.to(tl.uint32), tl.zeros(counter.shape, tl.uint32), seed.to(tl.uint32))
         words = tl.reshape(tl.join(w0, w1), (rows, WIDTH // 8, 2))
     else:
         w0, w1, w2, w3 = tl.randint4x(seed, counter)
@@ -657,7 +657,6 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, factor_a_ptr, factor_b_ptr, bias_pt
 BLOCK_C = 128  # quantize: tiles of 16 x 128, 4 KiB of bf16 per program
 AMAX_BLOCK_C = 64
 NUM_WARPS = 4
-VALUES, PACKED = 1, 2  # the forms of a quantized copy (bit flags): exact GEMM values, TE's bytes
 
 
 def packed_copy(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:

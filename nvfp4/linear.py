@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import (FP8Recipe, NVFP4Quantizer, NVFP4Recipe, NVFP4Tensor, alpha_denom, quantize_fp8,
+from .formats import (PACKED, VALUES, FP8Recipe, NVFP4Quantizer, NVFP4Recipe, NVFP4Tensor, alpha_denom, quantize_fp8,
                       quantize_nvfp4, random_bits, random_hadamard_transform, unpack_e2m1)
 from .shapes import gemm_shape_error, rows_of
 
@@ -118,12 +118,8 @@ def _values(copy) -> Optional[Operand]:
     return copy.operand() if isinstance(copy, PackedOperand) else copy
 
 
-VALUES, PACKED = "values", "packed"  # the form a copy is asked in: Operand, or PackedOperand (TE's bytes)
-_FORM_BITS = {None: 0, VALUES: 1, PACKED: 2}  # kernels.VALUES, kernels.PACKED
-
-
-def _quantize(recipe: Recipe, kind: str, t: torch.Tensor, name: str, row: Optional[str] = VALUES,
-              col: Optional[str] = None, dequantized: bool = False):
+def _quantize(recipe: Recipe, kind: str, t: torch.Tensor, name: str, row: Optional[int] = VALUES,
+              col: Optional[int] = None, dequantized: bool = False):
     """Quantize the GEMM operand t (kind: x, w or dy) into its rowwise copy (fprop, dgrad) and/or
     its columnwise copy: Q(t^T) (x, dy: Q(RHT(t^T))) in t^T's shape, the transposed operand of
     the wgrad GEMM (of dgrad for W). row / col: the form each copy is wanted in (None: not at
@@ -211,7 +207,7 @@ def _quantize_on_gpu(spec: NVFP4Quantizer, t: torch.Tensor, row_forms: set, col_
             else torch.empty(0, dtype=torch.int64, device=t.device))
     mode = kernels.FOUR_OVER_SIX_MODES[spec.four_over_six]
     row_values, row_data, row_scale, col_values, col_data, col_scale, amax, deq = torch.ops.nvfp4.quantize(
-        t, seed, spec.tile_rows, sum(_FORM_BITS[f] for f in row_forms), sum(_FORM_BITS[f] for f in col_forms),
+        t, seed, spec.tile_rows, sum(row_forms), sum(col_forms),  # bit sets of the forms
         spec.rht, spec.stochastic, mode, spec.e4m3_max, spec.row_scaled, dequantized)
     rows, cols = t.shape
     row_amax, col_amax = (amax[:rows], amax[rows:]) if spec.row_scaled else (amax[0], amax[1])
