@@ -347,3 +347,36 @@ def test_kernel_bitwise_in_triton_interpreter():
 @requires_cuda
 def test_kernel_bitwise_on_gpu():
     run_check("cuda", check_gemm=True)
+
+
+LAYER_CHECK = r"""
+import sys, torch
+sys.path.insert(0, {repo!r})
+import nvfp4.linear as L
+from nvfp4 import NVFP4Recipe, quantized_linear
+reference_path = L._kernel_takes
+L._gemm_dtype = lambda t: torch.bfloat16  # as on CUDA: both paths multiply bf16 values
+
+def run(kernels, recipe):
+    L._kernel_takes = (lambda *args: True) if kernels else reference_path
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g).bfloat16().float().requires_grad_()
+    w, b = torch.randn(48, 32, generator=g).requires_grad_(), torch.randn(48, generator=g).requires_grad_()
+    y = quantized_linear(x, w, b, recipe)
+    y.backward(torch.randn(64, 48, generator=g) * 1e-3)
+    return y.detach(), x.grad, w.grad, b.grad
+
+for options in (dict(), dict(disable_rht=True), dict(disable_2d_quantization=True)):
+    recipe = NVFP4Recipe(disable_stochastic_rounding=True, **options)
+    assert all(torch.equal(a, b) for a, b in zip(run(False, recipe), run(True, recipe))), options
+    print("layer ok", sorted(options))
+"""
+
+
+def test_layer_kernel_path_equals_reference_path_in_interpreter():
+    """The layer's GPU path (nvfp4::quantize writing each copy in its form, nvfp4::unpack of the
+    kept copies) gives the reference path's Y, dX, dW and db bit for bit, run on the CPU through
+    Triton's interpreter (the CUDA-only checks of the layer need a GPU)."""
+    pytest.importorskip("triton")
+    stdout = run_python(LAYER_CHECK.format(repo=str(REPO)), env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert stdout.count("layer ok") == 3
