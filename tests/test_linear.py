@@ -6,7 +6,7 @@ import torch
 from conftest import requires_cuda
 import nvfp4
 from nvfp4 import FP8Recipe, NativeFP8Recipe, NVFP4Recipe, LayerFactory, collect_fp4_stats, quantized_linear
-from nvfp4.formats import (NVFP4_ALPHA_DENOM, quantize_fp8, quantize_nvfp4,
+from nvfp4.formats import (PACKED, VALUES, NVFP4_ALPHA_DENOM, quantize_fp8, quantize_nvfp4,
                            random_hadamard_transform)
 from nvfp4.linear import LayerNormMLP, Linear
 
@@ -275,9 +275,11 @@ def test_cuda_compiled_operands_are_bitwise_eager():
     x = torch.randn(512, 384, device="cuda", dtype=torch.bfloat16) * 3
     x[0, :16] = 0
 
-    def operands(x):  # TE's bytes: data, scale, amax of each copy
-        row, col, _ = _quantize(RN, "x", x, "probe", columnwise=True)
-        return [*row[:3], *col[:3], *_quantize(RN, "w", x, "probe")[0][:3]]
+    def operands(x):  # TE's bytes (data, scale, amax) and the GEMM values of each copy
+        row, col, _ = _quantize(RN, "x", x, "probe", row=PACKED, col=PACKED)
+        row_values, col_values, _ = _quantize(RN, "x", x, "probe", row=VALUES, col=VALUES)
+        w = _quantize(RN, "w", x, "probe", row=PACKED)[0]
+        return [*row[:3], *col[:3], *w[:3], row_values.values, col_values.values]
 
     for eager, compiled in zip(operands(x), torch.compile(operands)(x)):
         assert eager.dtype == compiled.dtype and torch.equal(eager.reshape(-1).view(torch.uint8), compiled.reshape(-1).view(torch.uint8))
