@@ -270,13 +270,29 @@ def _columns4(t):
 
 
 @triton.jit
-def _candidate_error(values, blocks, amax, ERR_MSE: tl.constexpr, E4M3_MAX: tl.constexpr):
+def _candidate_error(values, blocks, amax, ERR_MSE: tl.constexpr, E4M3_MAX: tl.constexpr, FAST: tl.constexpr):
     """Per block of `blocks` ([N, 16]), the error TE's 4over6 reference gives a candidate of
     `values` (code * scale): the in-order sum of |v - x| (MAE) or (v - x)^2 (MSE), where
-    v = (values * amax) / (6 * E4M3_MAX)."""
-    v = tl.math.div_rn(values * amax, tl.full(values.shape, 6.0 * E4M3_MAX, tl.float32))
+    v = (values * amax) / (6 * E4M3_MAX); FAST: that division as _div_by_constant's."""
+    if FAST:
+        v = _div_by_constant(values * amax, 6.0 * E4M3_MAX)
+    else:
+        v = tl.math.div_rn(values * amax, tl.full(values.shape, 6.0 * E4M3_MAX, tl.float32))
     diff = v - blocks
     return _sum16_in_order(diff * diff if ERR_MSE else tl.abs(diff))
+
+
+@triton.jit
+def _div_by_constant(a, K: tl.constexpr):
+    """a / K rounded to nearest for K = 2688 or 1536 (6 x 448, 6 x 256) and a = 0 or 2^-80 <= |a|
+    <= 2^80: q = RN(a * RN(1/K)), then one correction with the exact remainder a - q * K (an FMA):
+    Markstein's division by a known divisor (Handbook of Floating-Point Arithmetic, 4.7), three
+    instructions for the IEEE division's ten and its range check. Exact for every fp32 a there
+    (tests/test_kernels.py checks all 2^23 significands; a scaled by 2^k scales every step), but
+    for the sign of a zero, which |v - x| and (v - x)^2 do not see."""
+    recip: tl.constexpr = 1.0 / K  # K's reciprocal, rounded to fp32 where it meets a
+    q = a * recip
+    return tl.fma(tl.fma(-q, K, a), recip, q)
 
 
 @triton.jit
@@ -307,8 +323,16 @@ def _four_over_six(blocks, block_amax, amax, ERR_MSE: tl.constexpr, E4M3_MAX: tl
     codes6 = _round_blocks(blocks, _encode(scale6, g_dec), zero, NO_RANDOM, ZERO_SIGN)
     flat = tl.reshape(blocks, (R * NB, 16))
     amax16 = tl.reshape(tl.broadcast_to(amax, (R, NB, 16)), (R * NB, 16))
-    err4 = _candidate_error(tl.reshape(codes4 * scale4, (R * NB, 16)), flat, amax16, ERR_MSE, E4M3_MAX)
-    err6 = _candidate_error(tl.reshape(codes6 * scale6, (R * NB, 16)), flat, amax16, ERR_MSE, E4M3_MAX)
+    values4 = tl.reshape(codes4 * scale4, (R * NB, 16))
+    values6 = tl.reshape(codes6 * scale6, (R * NB, 16))
+    # the fast division where it is exact: |values * amax| is 0 or in [2^-10 amax, 2688 amax]
+    in_range = tl.min(tl.where((amax16 >= 2.0 ** -64) & (amax16 <= 2.0 ** 64), 1, 0))
+    if (in_range == 1) and not INTERPRETED:  # (the interpreter's fma rounds twice)
+        err4 = _candidate_error(values4, flat, amax16, ERR_MSE, E4M3_MAX, True)
+        err6 = _candidate_error(values6, flat, amax16, ERR_MSE, E4M3_MAX, True)
+    else:
+        err4 = _candidate_error(values4, flat, amax16, ERR_MSE, E4M3_MAX, False)
+        err6 = _candidate_error(values6, flat, amax16, ERR_MSE, E4M3_MAX, False)
     if TILE_ROWS == 16:
         pick4 = tl.reshape(_sum_tile_rows(tl.reshape(err4, (R, NB))) < _sum_tile_rows(tl.reshape(err6, (R, NB))),
                            (1, NB, 1))
@@ -448,7 +472,31 @@ def _row_copy(x, r, c0, rows, cols, amax_ptr, bits_ptr, seed_ptr, offsets, mask,
 
 
 @triton.jit
-def _column_copy(x, r, c, rows, cols, amax_ptr, bits_ptr, seed_ptr, offsets, mask, RHT: tl.constexpr,
+def _row(x_ptr, k, c, rows, cols):
+    """Row k of x at columns c, in fp32 (0 outside x)."""
+    return tl.load(x_ptr + k * cols + c, mask=(k < rows) & (c < cols), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _blocks_down_columns(x_ptr, r, c, rows, cols):
+    """x^T's tile [BLOCK_C, 16] (fp32) of the 16 rows r and the columns c of x, each block (a column
+    of the tile) held by one thread: the 16 rows loaded one by one (again: the tile's first read
+    left them in L1) and joined, so that a block's in-order sums and scales take no data from
+    other threads. (tl.trans of the tile leaves each thread 2 values of 8 blocks, and 4over6's
+    per-block work then runs 8 times a thread.) Joins put the new dimension last: pairing rows
+    k and k + 8, then k and k + 4, k + 2, k + 1 lays the 16 out in order."""
+    BLOCK_C: tl.constexpr = c.shape[0]
+    r0 = tl.program_id(0) * 16
+    j0, j1 = tl.join(_row(x_ptr, r0, c, rows, cols), _row(x_ptr, r0 + 8, c, rows, cols)), tl.join(_row(x_ptr, r0 + 1, c, rows, cols), _row(x_ptr, r0 + 9, c, rows, cols))
+    j2, j3 = tl.join(_row(x_ptr, r0 + 2, c, rows, cols), _row(x_ptr, r0 + 10, c, rows, cols)), tl.join(_row(x_ptr, r0 + 3, c, rows, cols), _row(x_ptr, r0 + 11, c, rows, cols))
+    j4, j5 = tl.join(_row(x_ptr, r0 + 4, c, rows, cols), _row(x_ptr, r0 + 12, c, rows, cols)), tl.join(_row(x_ptr, r0 + 5, c, rows, cols), _row(x_ptr, r0 + 13, c, rows, cols))
+    j6, j7 = tl.join(_row(x_ptr, r0 + 6, c, rows, cols), _row(x_ptr, r0 + 14, c, rows, cols)), tl.join(_row(x_ptr, r0 + 7, c, rows, cols), _row(x_ptr, r0 + 15, c, rows, cols))
+    q0, q1, q2, q3 = tl.join(j0, j4), tl.join(j1, j5), tl.join(j2, j6), tl.join(j3, j7)
+    return tl.reshape(tl.join(tl.join(q0, q2), tl.join(q1, q3)), (BLOCK_C, 16))
+
+
+@triton.jit
+def _column_copy(x, x_ptr, r, c, rows, cols, amax_ptr, bits_ptr, seed_ptr, offsets, mask, RHT: tl.constexpr,
                  RANDOM: tl.constexpr, FOUR_OVER_SIX: tl.constexpr, E4M3_MAX: tl.constexpr,
                  ROW_SCALED: tl.constexpr, ZERO_SIGN: tl.constexpr):
     """The columnwise copy of the [16, BLOCK_C] tile x: (codes [BLOCK_C, 16], scales and scale
@@ -464,6 +512,9 @@ def _column_copy(x, r, c, rows, cols, amax_ptr, bits_ptr, seed_ptr, offsets, mas
         amax = tl.load(amax_ptr + 1)
     u = _uniform(bits_ptr, seed_ptr, 1, tl.trans(offsets), tl.program_id(0) * cols + c, tl.trans(mask), RANDOM, 16)
     if FOUR_OVER_SIX != NO_FOUR_OVER_SIX:  # on [BLOCK_C, 1, 16], the rowwise layout of blocks
+        tl.static_assert(not RHT, "4over6 copies take no RHT (TE: nvfp4_4over6 needs disable_rht)")
+        blocks = _blocks_down_columns(x_ptr, r, c, rows, cols)
+        block_amax = tl.max(tl.abs(blocks), axis=1, keep_dims=True)
         codes, scale, byte = _four_over_six(
             tl.reshape(blocks, (BLOCK_C, 1, 16)), tl.reshape(block_amax, (BLOCK_C, 1, 1)),
             amax if not ROW_SCALED else tl.reshape(amax, (BLOCK_C, 1, 1)), FOUR_OVER_SIX == FOUR_OVER_SIX_MSE,
@@ -512,7 +563,7 @@ def _quantize_kernel(x_ptr, amax_ptr, bits_ptr, seed_ptr, row_values_ptr, row_da
             deq = _round_to(deq, deq_out_ptr.dtype.element_ty)  # to nearest even, also interpreted
             tl.store(deq_out_ptr + offsets, deq.to(deq_out_ptr.dtype.element_ty), mask=mask)
     if COL_VALUES or COL_PACKED:
-        codes, scale, byte = _column_copy(x, r, c, rows, cols, amax_ptr, bits_ptr, seed_ptr, offsets, mask, RHT,
+        codes, scale, byte = _column_copy(x, x_ptr, r, c, rows, cols, amax_ptr, bits_ptr, seed_ptr, offsets, mask, RHT,
                                           RANDOM, FOUR_OVER_SIX, E4M3_MAX, ROW_SCALED, COL_PACKED)
         if COL_VALUES:  # in x's layout
             tl.store(col_values_ptr + tl.trans(offsets), (codes * scale).to(col_values_ptr.dtype.element_ty),
@@ -831,14 +882,20 @@ def _(data, scale):
 
 
 @triton.jit
-def _fp8_kernel(x_ptr, amax_ptr, out_ptr, out_t_ptr, scale_inv_ptr, rows, cols, FP8_MAX: tl.constexpr,
+def _fp8_kernel(x_ptr, amax_ptr, out_ptr, out_t_words_ptr, scale_inv_ptr, rows, cols, FP8_MAX: tl.constexpr,
                 X_MAX: tl.constexpr, ROWWISE: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_C: tl.constexpr):
     """TE's current scaling (formats.quantize_fp8) of a [BLOCK_R, BLOCK_C] tile of x from one read:
     scale = FP8_MAX / amax (inf -> X_MAX, the largest value of x's dtype; amax = 0 -> 1), values
-    x * scale rounded to out's FP8 format, written row-major to out (ROWWISE) and as x^T to out_t
+    x * scale rounded to out's FP8 format, written row-major to out (ROWWISE) and as x^T
     (TRANSPOSED: Hopper's FP8 GEMM takes its operands K-major, so the dgrad and wgrad operands
-    need the transposes); program (0, 0) writes scale_inv = 1 / scale."""
+    need the transposes) to out_t_words, x^T's bytes as int32 words (rows % 4 == 0): four bytes
+    of one column of x a word, assembled in 32-bit registers. The transpose moves 32-bit values
+    only: Triton 3.6 on sm_90 garbled 8-bit tiles moved between layouts (the transposed copy held
+    NaN bytes where the rowwise one held zeros; triton-lang/triton#11111 reports the like), and
+    Triton moves a layout change to the narrowest type it can: the bytes come from _fp8_byte,
+    never as 8-bit values.
+    Program (0, 0) writes scale_inv = 1 / scale."""
     amax = tl.load(amax_ptr)
     scale = tl.math.div_rn(tl.full(amax.shape, FP8_MAX, tl.float32), amax)
     scale = tl.where(scale == float("inf"), X_MAX, scale)
@@ -849,12 +906,16 @@ def _fp8_kernel(x_ptr, amax_ptr, out_ptr, out_t_ptr, scale_inv_ptr, rows, cols, 
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
     x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0)
-    y = x.to(tl.float32) * scale
+    y = _to_fp8(x.to(tl.float32) * scale, out_ptr.dtype.element_ty)
     if ROWWISE:
-        tl.store(out_ptr + r[:, None] * cols + c[None, :], _to_fp8(y, out_ptr.dtype.element_ty), mask=mask)
-    if TRANSPOSED:  # transposed in fp32, then rounded: no transpose of 8-bit values
-        tl.store(out_t_ptr + c[:, None] * rows + r[None, :], _to_fp8(tl.trans(y), out_t_ptr.dtype.element_ty),
-                 mask=tl.trans(mask))
+        tl.store(out_ptr + r[:, None] * cols + c[None, :], y, mask=mask)
+    if TRANSPOSED:
+        byte = tl.trans(_fp8_byte(x.to(tl.float32) * scale, out_ptr.dtype.element_ty))  # [BLOCK_C, BLOCK_R]
+        even, odd = tl.split(tl.reshape(byte, (BLOCK_C, BLOCK_R // 4, 2, 2)))  # rows 4w + 2j (+ 1)
+        low, high = tl.split(even | (odd << 8))  # j = 0, 1: the word's low and high 16 bits
+        w = tl.program_id(0) * (BLOCK_R // 4) + tl.arange(0, BLOCK_R // 4)
+        tl.store(out_t_words_ptr + c[:, None] * (rows // 4) + w[None, :], low | (high << 16),
+                 mask=(c[:, None] < cols) & (w[None, :] * 4 < rows))
 
 
 @triton.jit
@@ -879,6 +940,19 @@ def _to_fp8(y, fp8: tl.constexpr):
     return y.to(fp8)
 
 
+@triton.jit
+def _fp8_byte(y, fp8: tl.constexpr):
+    """_to_fp8's byte of fp32 y as an int32 (0..255); on the GPU one conversion instruction a
+    value, in inline PTX, so that no 8-bit tensor exists for Triton to move between layouts."""
+    if INTERPRETED:
+        return _to_fp8(y, fp8).to(tl.uint8, bitcast=True).to(tl.int32)
+    if fp8 == tl.float8e4nv:
+        asm: tl.constexpr = "{ .reg .b16 h; cvt.rn.satfinite.e4m3x2.f32 h, 0f00000000, $1; cvt.u32.u16 $0, h; }"
+    else:
+        asm: tl.constexpr = "{ .reg .b16 h; cvt.rn.satfinite.e5m2x2.f32 h, 0f00000000, $1; cvt.u32.u16 $0, h; }"
+    return tl.inline_asm_elementwise(asm, "=r,r", [y], dtype=tl.int32, is_pure=True, pack=1)
+
+
 FP8_CODES = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 
 
@@ -892,10 +966,17 @@ def quantize_fp8(x: torch.Tensor, fp8_code: int, rowwise: bool, transposed: bool
     rows, cols = x.shape
     amax = torch.zeros(2, dtype=torch.float32, device=x.device)
     launch_amax(x, amax)
-    out, out_t, scale_inv = _fp8_outputs(x, fp8, rowwise, transposed)
+    # x^T as words: rows % 4 == 0 (Hopper's FP8 GEMM needs multiples of 16); otherwise the rowwise
+    # copy, transposed by torch
+    words = transposed and rows % 4 == 0
+    out, out_t, scale_inv = _fp8_outputs(x, fp8, rowwise or not words, transposed)
     grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 64))
-    _fp8_kernel[grid](x, amax, out, out_t, scale_inv, rows, cols, FP8_MAX=torch.finfo(fp8).max, X_MAX=torch.finfo(x.dtype).max,
-                      ROWWISE=rowwise, TRANSPOSED=transposed, BLOCK_R=32, BLOCK_C=64, num_warps=4)
+    _fp8_kernel[grid](x, amax, out, out_t.view(torch.int32) if words else out, scale_inv, rows, cols,
+                      FP8_MAX=torch.finfo(fp8).max, X_MAX=torch.finfo(x.dtype).max, ROWWISE=rowwise or not words,
+                      TRANSPOSED=words, BLOCK_R=32, BLOCK_C=64, num_warps=4)
+    if transposed and not words:
+        out_t.copy_(out.t())
+        out = out if rowwise else out.new_empty((0,))
     return out, out_t, scale_inv
 
 

@@ -289,6 +289,15 @@ for mode in (1, 2):
     expected = quantize_nvfp4(tie, four_over_six=("MAE", "MSE")[mode - 1], e4m3_max=256).values()
     assert bitwise(values_of(out[1:3]), expected) and torch.equal(expected[:, 1].cpu(), torch.tensor([0.5, 1, 1, 2, 2, 4, 4]) * 256)
 print("options", options)
+# amaxes outside the range of the kernel's fast division (2^-64..2^64, _div_by_constant) take IEEE's
+for factor, mode in itertools.product((2.0 ** 70, 2.0 ** -70, 1.0), (1, 2)):
+    xs = torch.randn(32, 64, generator=g, device=device) * factor
+    out = torch.ops.nvfp4.quantize(xs, torch.empty(0, dtype=torch.int64, device=device), 1, PACKED, PACKED,
+                                   False, False, mode, 448, False, False)
+    opts = dict(four_over_six=("MAE", "MSE")[mode - 1], e4m3_max=448)
+    assert same_bytes(out[1:3], quantize_nvfp4(xs, **opts)), ("4over6 rowwise", factor, mode)
+    assert same_bytes(out[4:6], quantize_nvfp4(xs.t().contiguous(), **opts)), ("4over6 columnwise", factor, mode)
+print("4over6 range ok")
 
 # stochastic rounding from an in-kernel seed, for each copy (columnwise: of x^T, whose copy
 # is x's values): only the two neighbours (the reference with all bits 0 or 255), the same seed gives
@@ -330,11 +339,31 @@ def interpreter_loops() -> bool:
     return tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 7)
 
 
+def test_division_by_the_4over6_constants_is_exact_for_every_significand():
+    """The quantize kernel's 4over6 error divides by 6 x E4M3_MAX as q = RN(a * RN(1/K)), then
+    RN(q + RN(a - q K) * RN(1/K)) (FMAs; kernels._div_by_constant): equal to IEEE's RN(a / K) for
+    every significand of a (a scaled by 2^k scales every step), emulated here exactly in float64."""
+    np = pytest.importorskip("numpy")
+    a = ((127 << 23) | np.arange(2 ** 23, dtype=np.int64)).astype(np.int32).view(np.float32)  # [1, 2)
+    for K in (6.0 * 448, 6.0 * 256):
+        recip = np.float64(np.float32(1) / np.float32(K))
+        q = (a.astype(np.float64) * recip).astype(np.float32).astype(np.float64)  # a x recip is exact in float64
+        r = (a.astype(np.float64) - q * K).astype(np.float32).astype(np.float64)  # the FMA's remainder (exact)
+        s, p = q + r * recip, r * recip  # r x recip exact; q + it rounded twice unless mended:
+        err = (q - (s - (s - q))) + (p - (s - q))  # TwoSum: s + err is q + p exactly
+        f = s.astype(np.float32).astype(np.float64)
+        other = np.where(s > f, np.nextafter(f.astype(np.float32), np.float32(np.inf)),
+                         np.nextafter(f.astype(np.float32), np.float32(-np.inf))).astype(np.float64)
+        tie = ((f + other) / 2 == s) & (err != 0)  # s on the midpoint: the sign of err decides
+        got = np.where(tie & ((other > f) == (err > 0)), other, f).astype(np.float32)
+        assert np.array_equal(got.view(np.int32), (a / np.float32(K)).view(np.int32)), K
+
+
 def run_check(device: str, check_gemm: bool, env=None):
     """Run CHECK in a fresh interpreter; every check printed its line, or it failed."""
     stdout = run_python(CHECK.format(repo=str(REPO), device=device, check_gemm=check_gemm), env)
     for line in ("bitwise 28", "transposed 32", "ties ok", "row tiles ok", "both copies ok", "op ok", "fp8 16",
-                 "seeded sr ok False", "seeded sr ok True", "options 18",
+                 "seeded sr ok False", "seeded sr ok True", "options 18", "4over6 range ok",
                  "gemm 40" if check_gemm else "gemm skipped"):
         assert line in stdout, line
 

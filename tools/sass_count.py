@@ -25,10 +25,10 @@ def compile_count(fn, sig, const, num_warps=4, elements=None, name="k", show=Fal
     open(f"/tmp/{name}.sass", "w").write(sass)
     open(f"/tmp/{name}.ttgir", "w").write(c.asm["ttgir"])
     lines = [(int(m.group(1), 16), l.split("*/")[1].strip()) for l in sass.splitlines()
-             if (m := re.match(r"\s+/\*([0-9a-f]{4})\*/", l))]
+             if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/", l))]
     # the fast path: drop the subroutines after the last EXIT and the blocks a predicated forward
     # branch skips to reach a CALL of them (IEEE division's slow path)
-    last_exit = max(i for i, (_, t) in enumerate(lines) if t.startswith("EXIT"))
+    last_exit = max(i for i, (_, t) in enumerate(lines) if re.sub(r"^@!?U?P\w+\s+", "", t).startswith("EXIT"))
     lines = lines[:last_exit + 1]
     skip = set()
     for i, (addr, t) in enumerate(lines):
