@@ -327,6 +327,22 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def number(text: str) -> float:
+    """argparse type of the float flags: a finite number in ASCII digits (inf, nan and, say,
+    full-width digits, which float() would take, are refused)."""
+    value = float(text) if text.isascii() else math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"takes a finite number, got {text!r}")
+    return value
+
+
+def whole_number(text: str) -> int:
+    """argparse type of the integer flags: ASCII digits (int() would read '１' as 1)."""
+    if not re.fullmatch(r"[+-]?[0-9]+", text.strip()):
+        raise argparse.ArgumentTypeError(f"takes an integer, got {text!r}")
+    return int(text)
+
+
 def add_flag(group, f: dataclasses.Field, with_defaults: bool):
     kwargs = dict(f.metadata)
     name, off = kwargs.pop("flag", "--" + f.name.replace("_", "-")), kwargs.pop("off", None)
@@ -340,7 +356,8 @@ def add_flag(group, f: dataclasses.Field, with_defaults: bool):
     elif kind is bool:
         group.add_argument(name, dest=f.name, action="store_true", **kwargs)
     else:
-        group.add_argument(name, dest=f.name, type=name_patterns if kind is tuple else kind, **kwargs)
+        types = {tuple: name_patterns, float: number, int: whole_number}
+        group.add_argument(name, dest=f.name, type=types.get(kind, kind), **kwargs)
 
 
 def parse_config(argv=None) -> tuple:
@@ -412,8 +429,8 @@ def parse_seeds(text: Optional[str], seed: int) -> tuple:
     if text is None:
         return (seed,)
     try:
-        seeds = tuple(int(s) for s in text.split(","))
-    except ValueError:
+        seeds = tuple(whole_number(s) for s in text.split(","))
+    except argparse.ArgumentTypeError:
         raise UsageError(f"--seeds takes comma-separated integers, got {text!r}") from None
     if len(set(seeds)) < len(seeds) or not all(0 <= s < 2 ** 32 for s in seeds):
         raise UsageError(f"--seeds must be distinct integers in [0, 2^32), got {text!r}")

@@ -82,6 +82,10 @@ def test_unwritable_outputs_and_bad_numbers_fail_before_the_data_loads(tmp_path,
         "negative seed": (["--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
         "huge seed": (["--seed", "1" + "0" * 23], "--seed must be in [0, 2^32)"),
         "huge images": (["--img-size", "100000"], "one batch's images and masking noise alone take"),
+        **{f"{flag} inf": ([flag, "inf"], f"argument {flag}: takes a finite number, got 'inf'")
+           for flag in ("--lr", "--blr", "--weight-decay", "--warmup-epochs", "--mask-ratio")},
+        "full-width digit": (["--epochs", "\uff11"], "argument --epochs: takes an integer"),
+        "full-width seed": (["--compare", "fp32", "--seeds", "\uff11"], "--seeds takes comma-separated integers"),
     }
     for case, (argv, message) in cases.items():
         fails(capsys, ["--out-dir", str(tmp_path / "runs"), *argv, *NO_DATA], message)
