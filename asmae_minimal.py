@@ -23,6 +23,7 @@ import argparse
 import copy
 import dataclasses
 import errno
+import fcntl
 import fnmatch
 import gc
 import importlib.util
@@ -1343,7 +1344,9 @@ class TrainingLoop:
     run_dir and ckpt: the folder and checkpoint of a resumed run."""
 
     def __init__(self, config: Config, rank=0, world=1, run_dir=None, ckpt=None, resume_changes=()):
-        if rank == 0 and ckpt is None:  # checked before the data loads, made once the run can start
+        if rank == 0 and ckpt is not None:
+            claim_folder(run_dir)  # one process at a time goes on with a run
+        if rank == 0 and ckpt is None:  # claimed before the data loads, written once the run can start
             run_dir = plan_run_dir(config)
             config = config.replace(run_name=str(run_dir.relative_to(config.run.out_dir)))  # the name used
         self.config, self.rank, self.world, self.run_dir = config, rank, world, run_dir
@@ -1783,36 +1786,84 @@ class RunLog:
 
 
 # What this program writes in a run folder; a compare folder also holds run folders.
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint_step*.pt", "checkpoint_step*.pt.tmp", "eval_*.json",
+RUN_FILES = (LOCK_FILE := ".lock", "config.json", "metrics.jsonl", "checkpoint_step*.pt", "checkpoint_step*.pt.tmp", "eval_*.json",
              "recons", "compare", "wandb", "cell.json")
 
 
 def plan_run_dir(config: Config, kind: Optional[str] = None) -> Path:
-    """The run folder to make, checked before any data loads: OUT_DIR/RUN_NAME, which must be
-    empty or, with --overwrite, a run folder of this program's; or a new OUT_DIR/dataset-model-
+    """The run folder, claimed (claim_folder) before any data loads: OUT_DIR/RUN_NAME, which must
+    be empty or, with --overwrite, a run folder of this program's; or a new OUT_DIR/dataset-model-
     KIND-timestamp (KIND: the precision, or 'compare'). Its parent must take new folders."""
     r, out = config.run, Path(config.run.out_dir)
-    if r.run_name:
-        run_dir = out / r.run_name
-        if run_dir.resolve() == out.resolve() or not run_dir.resolve().is_relative_to(out.resolve()):
-            raise UsageError(f"--run-name {r.run_name} leads out of --out-dir {out} (through a link)")
-        if run_dir.is_dir() and any(run_dir.iterdir()):
-            if not r.overwrite:
-                raise UsageError(f"{run_dir} exists; pass --overwrite to replace it, another --run-name, "
-                                 f"or --resume {run_dir} to continue it")
-            foreign = foreign_entry(run_dir)
-            if foreign:
-                raise UsageError(f"--overwrite deletes only run folders of asmae_minimal.py, and {run_dir} holds "
-                                 f"{foreign}; move it, or choose another --run-name")
-    else:
+    if not r.run_name:
         kind = kind or config.precision.name
         base = out / f"{config.data.dataset}-{config.model.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir, n = base, 1
-        while run_dir.exists():
-            n += 1
-            run_dir = base.with_name(f"{base.name}-{n}")
+        check_writable(base)
+        for n in itertools.count(1):  # an exclusive mkdir: two runs in one second take two names
+            run_dir = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            if claim_folder(run_dir, exclusive=True):
+                return run_dir
+    run_dir = out / r.run_name
+    if run_dir.resolve() == out.resolve() or not run_dir.resolve().is_relative_to(out.resolve()):
+        raise UsageError(f"--run-name {r.run_name} leads out of --out-dir {out} (through a link)")
     check_writable(run_dir)
+    claim_folder(run_dir)
+    if any(entry.name != LOCK_FILE for entry in run_dir.iterdir()):
+        if not r.overwrite:
+            raise UsageError(f"{run_dir} exists; pass --overwrite to replace it, another --run-name, "
+                             f"or --resume {run_dir} to continue it")
+        foreign = foreign_entry(run_dir)
+        if foreign:
+            raise UsageError(f"--overwrite deletes only run folders of asmae_minimal.py, and {run_dir} holds "
+                             f"{foreign}; move it, or choose another --run-name")
     return run_dir
+
+
+CLAIMED = {}  # resolved run folder -> (its open lock file, the folders claim_folder made for it)
+
+
+def claim_folder(folder: Path, exclusive: bool = False) -> bool:
+    """Make `folder` (and missing parents) and hold an exclusive lock on folder/.lock until
+    release_folders, so that two runs never share a folder: a second run (or resume, or sweep)
+    exits 2 naming the first. The lock is the kernel's (flock), so a killed run leaves none
+    behind. exclusive: False, instead of claiming, if the folder already exists."""
+    key = folder.resolve()
+    if key in CLAIMED:
+        return True
+    made = [p for p in (folder, *folder.absolute().parents) if not p.exists()][::-1]
+    try:
+        folder.mkdir(parents=True, exist_ok=not exclusive)
+    except FileExistsError:
+        return False
+    lock = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UsageError(f"{folder} is in use by {holder}; wait for it to end, or choose another "
+                         f"--run-name") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} ({' '.join(sys.argv[:1] + sys.argv[1:6])}...)\n")
+    lock.flush()
+    CLAIMED[key] = (lock, made)
+    return True
+
+
+def release_folders():
+    """Release every claimed folder: the lock file goes, and a folder that holds nothing else
+    (a run that failed before it started) goes with the parents claim_folder made for it."""
+    for folder, (lock, made) in list(CLAIMED.items()):
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        lock.close()
+        for path in reversed(made):
+            try:
+                path.rmdir()  # only if empty
+            except OSError:
+                break
+        del CLAIMED[folder]
 
 
 def foreign_entry(folder: Path) -> Optional[str]:
@@ -1839,10 +1890,12 @@ def check_writable(path: Path):
 
 
 def make_run_dir(run_dir: Path, overwrite: bool):
-    """Make the folder plan_run_dir chose (after the data loaded: a failed start leaves none)."""
-    if overwrite and run_dir.is_dir():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Empty the folder plan_run_dir claimed for --overwrite (after the data loaded: a failed
+    start deletes nothing), keeping its lock."""
+    if overwrite:
+        for entry in run_dir.iterdir():
+            if entry.name != LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 @torch.no_grad()
@@ -2100,6 +2153,7 @@ def compare_root(variants: tuple, seeds: tuple, finetune: Finetune) -> Path:
         root = Path(first.run.out_dir) / first.run.run_name
         saved = root / "config.json"
         if saved.is_file():
+            claim_folder(root)
             if json.loads(saved.read_text()) != json.loads(json.dumps(plan)):
                 raise UsageError(f"{root} holds another comparison (other variants, seeds or flags); pass "
                                  f"--overwrite to replace it, or another --run-name")
@@ -2557,6 +2611,7 @@ def main(argv=None):
         print(f"asmae_minimal.py: {stopped}", file=sys.stderr)
         raise SystemExit(128 + stopped.sig)
     finally:
+        release_folders()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

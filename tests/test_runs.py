@@ -1,5 +1,6 @@
 """Runs that survive: bitwise resume, signals, atomic checkpoints, corrupt inputs, NaN guard."""
 import os
+import json
 import signal
 import subprocess
 import sys
@@ -118,6 +119,35 @@ def test_sigterm_in_a_subprocess_checkpoints_and_exits(tmp_path, images):
     ckpt, _ = asmae_minimal.load_checkpoint(sorted((out / "long").glob("checkpoint_step*.pt"))[-1])
     assert ckpt["progress"]["step"] >= 1
     assert list((out / "long" / "recons").glob("recon_step*.png"))  # an interrupt's grid, not a final one
+
+
+def test_two_runs_one_folder_the_second_exits_2_naming_the_first(tmp_path, images):
+    """Issue 33 item 1: a run claims its folder (flock on .lock) before its data loads; a second run
+    or resume on that folder exits 2 naming the first, and the first's records stay its own. The
+    kernel drops a killed run's lock: the folder can be claimed again."""
+    out = tmp_path / "runs"
+    argv = [sys.executable, str(REPO / "asmae_minimal.py"), "--device", "cpu", "--model", "tiny", "--dataset",
+            "folder", "--data-root", str(images), "--batch-size", "16", "--log-every", "1", "--out-dir", str(out)]
+    first = subprocess.Popen([*argv, "--epochs", "1000", "--save-every", "1", "--run-name", "same"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics_file = out / "same" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not list((out / "same").glob("checkpoint_step*.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    try:
+        for extra in (["--epochs", "1", "--run-name", "same"], ["--epochs", "1", "--run-name", "same", "--overwrite"],
+                      ["--resume", str(out / "same")]):
+            second = subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, (extra, second.stderr)
+            assert f"is in use by pid {first.pid}" in second.stderr, second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    steps = [r["step"] for r in map(json.loads, metrics_file.read_text().splitlines()) if r.get("type") == "step"]
+    assert steps == list(range(1, len(steps) + 1))  # one run's steps, once each
+    asmae_minimal.claim_folder(out / "same")  # the killed run's lock went with it
+    asmae_minimal.release_folders()
+    assert (out / "same" / "config.json").exists() and not (out / "same" / ".lock").exists()
 
 
 def test_corrupt_truncated_and_foreign_checkpoints_exit_2(tmp_path, images, capsys):
