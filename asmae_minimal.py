@@ -1442,6 +1442,8 @@ class TrainingLoop:
     def train(self) -> dict:
         """All epochs; a checkpoint every --save-every epochs and at the end; reconstructions."""
         if self.complete:
+            if self.rank == 0 and "recon" not in self.summary:  # stopped between the last checkpoint and grid
+                self._final_grid()
             self.log.close()
             return self.summary
         stop = StopRequest()
@@ -1455,13 +1457,15 @@ class TrainingLoop:
                 self._epoch(epoch, stop)
                 if self.rank == 0 and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs):
                     self.summary["checkpoint"] = str(self._checkpoint(epoch + 1, 0))
+            self._finish()
         except NonFiniteLossError as error:
             self.log.print(f"[stop] {error}. Last good checkpoint: {latest_checkpoint(self.run_dir) or 'none yet'}")
             self.log.close()
             raise
         finally:
             stop.restore()
-        self._finish()
+        if stop.signal is not None:  # it came while the final checkpoint or grid was written: both were
+            raise Interrupted(stop.signal, self.summary.get("checkpoint"))
         return self.summary
 
     def _epoch(self, epoch, stop):
@@ -1566,12 +1570,15 @@ class TrainingLoop:
         self.log.close()
         raise Interrupted(sig, checkpoint)
 
+    def _final_grid(self):
+        png = save_reconstructions(self.train_step, self.config, self.heldout_split.images, self.run_dir,
+                                   f"final_recon_ep{self.config.optim.epochs:04d}")
+        self.summary["recon"] = str(png)
+        self.log.print(f"[final] reconstructions: {png} (rows: original | visible | reconstruction)")
+
     def _finish(self):
         if self.rank == 0:
-            png = save_reconstructions(self.train_step, self.config, self.heldout_split.images, self.run_dir,
-                                       f"final_recon_ep{self.config.optim.epochs:04d}")
-            self.summary["recon"] = str(png)
-            self.log.print(f"[final] reconstructions: {png} (rows: original | visible | reconstruction)")
+            self._final_grid()
             if self.fp4_rows:
                 self.summary["fp4_stats"] = summarize_fp4(self.fp4_rows, self.log)
         if self.device.type == "cuda":
@@ -2353,11 +2360,17 @@ def save_labelled_recons(results: dict, path: Path, scale: int = 3):
     from PIL import ImageDraw
     grids = []
     for label, cells in results.items():
-        grid = Image.open(next(iter(cells.values()))["recon"]).convert("RGB")
+        recon = next((c["recon"] for c in cells.values() if Path(c.get("recon", "")).is_file()), None)
+        if recon is None:  # a cell.json written without its grid (before a grid was made on resume)
+            print(f"[compare] {label}: no final reconstruction grid in its cells; left out of {path.name}")
+            continue
+        grid = Image.open(recon).convert("RGB")
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
         strip = Image.new("RGB", (grid.width, 16), "white")
         ImageDraw.Draw(strip).text((4, 2), f"{label} (rows: original | visible | reconstruction)", fill="black")
         grids += [strip, grid]
+    if not grids:
+        return
     canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
     top = 0
     for g in grids:
