@@ -1742,13 +1742,60 @@ def load_checkpoint(path: Path) -> tuple:
     if isinstance(ckpt, dict) and "args" in ckpt and "config" not in ckpt:
         raise UsageError(f"checkpoint {path} was written by an earlier asmae_minimal.py (flat 'args', not a "
                          f"'config'); resume or evaluate it with that version")
-    missing = {"model", "optimizer", "config", "progress"} - set(ckpt) if isinstance(ckpt, dict) else {"all"}
+    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else {"all"}
     if missing:
         raise UsageError(f"checkpoint {path} is not from asmae_minimal.py (missing {', '.join(sorted(missing))})")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise UsageError(f"checkpoint {path}: {problem}")
     try:
         return ckpt, Config.from_dict(ckpt["config"])
     except (TypeError, KeyError, AttributeError) as error:
         raise UsageError(f"checkpoint {path} holds a config this version cannot read ({error})") from None
+
+
+CHECKPOINT_KEYS = {"model", "optimizer", "config", "progress", "rng", "guard", "scaler"}
+
+
+def checkpoint_problem(ckpt: dict) -> Optional[str]:
+    """What in a checkpoint (untrusted input) has the wrong type, range or shape of what
+    save_checkpoint writes, naming the field; None if nothing: checked before a run writes anything."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    is_number = lambda v: (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    fits = {type(None): lambda v: v is None, bool: lambda v: isinstance(v, bool), int: is_int, float: is_number,
+            str: lambda v: isinstance(v, str),
+            tuple: lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)}
+    if not isinstance(ckpt["config"], dict):
+        return "config is not a table of sections"
+    for section, cls in SECTIONS.items():
+        values = ckpt["config"].get(section)
+        if not isinstance(values, dict):
+            return f"config.{section} is missing"
+        for f in fields(cls):
+            kinds = typing.get_args(f.type) or (f.type,)
+            if f.name in values and not any(fits.get(kind, lambda v: True)(values[f.name]) for kind in kinds):
+                expected = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+                return f"config.{section}.{f.name} is {values[f.name]!r}; expected {expected}"
+    progress = ckpt["progress"]
+    if not isinstance(progress, dict) or not all(is_int(progress.get(k)) and progress[k] >= 0
+                                                 for k in ("epoch", "batch", "step")):
+        return f"progress {progress!r} is not epoch, batch and step counts (integers >= 0)"
+    sums = progress.get("sums", {})
+    if not isinstance(sums, dict) or not all(k in Progress.SUMS and is_number(v) for k, v in sums.items()):
+        return "progress.sums is not a table of finite loss sums"
+    rng = ckpt["rng"]
+    if not (isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng) and torch.is_tensor(rng["torch"])
+            and rng["torch"].dtype == torch.uint8 and (rng.get("cuda") is None or torch.is_tensor(rng["cuda"]))):
+        return "rng is not the random generators' states"
+    guard = ckpt["guard"]
+    if not (isinstance(guard, dict) and all(torch.is_tensor(guard.get(k)) and guard[k].numel() == 1
+                                            for k in ("skipped", "streak", "trigger_step"))):
+        return "guard is not the loss guard's three counters"
+    if not isinstance(ckpt["model"], dict) or not all(torch.is_tensor(v) for v in ckpt["model"].values()):
+        return "model is not a table of tensors"
+    if not isinstance(ckpt["optimizer"], dict) or not {"state", "param_groups"} <= set(ckpt["optimizer"]):
+        return "optimizer is not an optimizer's state"
+    return None
 
 
 def load_model_state(model, state: dict, source: str):

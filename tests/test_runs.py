@@ -174,6 +174,34 @@ def test_corrupt_truncated_and_foreign_checkpoints_exit_2(tmp_path, images, caps
             assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (name, flag, err)
 
 
+def test_checkpoint_fields_are_validated_before_anything_is_written(tmp_path, images, capsys):
+    """Issue 33 item 4: a checkpoint's config of the wrong type, a negative step, no rng: one line
+    naming the field, exit 2, and the run folder as it was (an empty metrics.jsonl was left)."""
+    import shutil
+    _, run_dir = run(tmp_path, images, "--epochs", "1")
+    good = sorted(run_dir.glob("checkpoint_step*.pt"))[-1]
+    cases = {"epochs": (lambda c: c["config"]["optim"].update(epochs="many"), "config.optim.epochs is 'many'"),
+             "lr": (lambda c: c["config"]["optim"].update(lr=float("inf")), "config.optim.lr is inf"),
+             "seed": (lambda c: c["config"]["run"].update(seed=True), "config.run.seed is True; expected int"),
+             "step": (lambda c: c["progress"].update(step=-1), "progress "),
+             "rng": (lambda c: c.pop("rng"), "missing rng"),
+             "guard": (lambda c: c["guard"].pop("streak"), "guard is not"),
+             "sums": (lambda c: c["progress"]["sums"].update(epoch_loss="x"), "progress.sums")}
+    for case, (spoil, message) in cases.items():
+        folder = tmp_path / "runs" / f"bad-{case}"
+        shutil.copytree(run_dir, folder)
+        ckpt = torch.load(good, weights_only=True)
+        spoil(ckpt)
+        torch.save(ckpt, folder / good.name)
+        before = {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli(tmp_path, "--resume", str(folder), "--epochs", "2", run_name=None)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (case, err)
+        assert {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before, case
+
+
 def test_pickled_objects_in_checkpoints_are_refused(tmp_path, capsys):
     class Payload:
         def __reduce__(self):
