@@ -1296,14 +1296,16 @@ class Progress:
             self.sums[f"{kind}_loss"] += torch.nan_to_num(loss) * good
             self.sums[f"{kind}_count"] += good
 
-    def take_mean(self, kind: str, world: int) -> float:
-        """The mean loss since the last take (over all ranks); the sums start again from zero."""
+    def take_mean(self, kind: str, world: int) -> Optional[float]:
+        """The mean loss since the last take (over all ranks), None if the guard skipped every
+        step; the sums start again from zero."""
         total = torch.stack([self.sums[f"{kind}_loss"], self.sums[f"{kind}_count"]])
         if world > 1:
             dist.all_reduce(total)
         self.sums[f"{kind}_loss"].zero_()
         self.sums[f"{kind}_count"].zero_()
-        return (total[0] / total[1].clamp_min(1)).item()
+        count = total[1].item()
+        return total[0].item() / count if count else None  # None: every step was skipped
 
     def state_dict(self, epoch: int, batch: int) -> dict:
         return {"epoch": epoch, "batch": batch, "step": self.step,
@@ -1404,7 +1406,7 @@ class TrainingLoop:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
-            if record.get("type") == "step":
+            if record.get("type") == "step" and record.get("loss") is not None:
                 self.summary["curve"].append((record["step"], record["loss"]))
             elif record.get("type") == "epoch":
                 self._add_epoch(record)
@@ -1471,6 +1473,7 @@ class TrainingLoop:
     def _epoch(self, epoch, stop):
         o, p, steps = self.config.optim, self.progress, len(self.loader)
         first = p.batch if epoch == p.epoch else 0
+        skipped_before = self.train_step.guard.skipped_steps()
         t0 = interval_t0 = time.perf_counter()
         seen = interval_seen = 0
         bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{o.epochs}", disable=self.rank != 0,
@@ -1494,13 +1497,14 @@ class TrainingLoop:
                 check_mask(mask, len(imgs), m.num_patches, m.num_patches - m.num_visible)
                 record = self._log_step(epoch, lr_at(p.step - 1, steps, o), grad_norm,
                                         interval_seen / (time.perf_counter() - interval_t0), imgs, noise)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.0f}")
+                loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
+                bar.set_postfix(loss=loss, lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.0f}")
                 interval_t0, interval_seen = time.perf_counter(), 0
             if stop.signal is not None:
                 bar.close()
                 self._interrupt(stop.signal, epoch, b + 1)
         bar.close()
-        self._log_epoch(epoch, seen, time.perf_counter() - t0)
+        self._log_epoch(epoch, seen, time.perf_counter() - t0, skipped_before)
 
     def _switch_precision(self, resumed=False):
         """--high-precision-from: the steps after high_precision_step run unquantized; logged, and
@@ -1531,7 +1535,8 @@ class TrainingLoop:
                   "loss": self.progress.take_mean("interval", self.world), "lr": lr, "grad_norm": grad_norm.item(),
                   "skipped_steps": self.train_step.guard.skipped_steps(), "img_per_s": img_per_s}
         self.log.metrics(record)
-        self.summary["curve"].append((record["step"], record["loss"]))
+        if record["loss"] is not None:  # None: the guard skipped every step since the last record
+            self.summary["curve"].append((record["step"], record["loss"]))
         if self.config.precision.fp4_stats and self.rank == 0:
             rows = fp4_diagnostics(self.train_step, imgs, noise)
             self.log.metrics({"type": "fp4_stats", "step": self.progress.step, "layers": rows})
@@ -1539,23 +1544,31 @@ class TrainingLoop:
                 self.fp4_rows.setdefault(key, []).append(row)
         return record
 
-    def _log_epoch(self, epoch, seen, seconds):
+    def _log_epoch(self, epoch, seen, seconds, skipped_before):
+        """The epoch's record (skipped_steps: the run's so far) and line (the steps skipped in the
+        part of the epoch this process ran); img/s is None for an epoch resumed at its end."""
         self.train_step.guard.check()
         record = {"type": "epoch", "epoch": epoch + 1, "step": self.progress.step,
                   "loss": self.progress.take_mean("epoch", self.world), "skipped_steps": self.train_step.guard.skipped_steps(),
-                  "time_s": seconds, "img_per_s": seen / seconds}
+                  "time_s": seconds, "img_per_s": seen / seconds if seen else None}
         self.log.metrics(record)
-        skipped = f"  skipped {record['skipped_steps']}" if record["skipped_steps"] else ""
-        self.log.print(f"epoch {epoch + 1}/{self.config.optim.epochs}  loss {record['loss']:.4f}  "
-                       f"{record['img_per_s']:.0f} img/s  {seconds:.1f} s{skipped}")
+        skipped = record["skipped_steps"] - skipped_before
+        loss = f"loss {record['loss']:.4f}" if record["loss"] is not None else "loss n/a (every step skipped)"
+        speed = f"{record['img_per_s']:.0f} img/s" if seen else "no steps left to time"
+        self.log.print(f"epoch {epoch + 1}/{self.config.optim.epochs}  {loss}  {speed}  {seconds:.1f} s"
+                       f"{f'  skipped {skipped} step' + 's' * (skipped != 1) if skipped else ''}")
         self._add_epoch(record)
 
     def _add_epoch(self, record: dict):
         """The summary's epoch curve, final loss and speed: the median epoch's img/s (an epoch
-        that compiles, or the one a precision schedule recompiles in, is an outlier)."""
-        self.summary["epoch_curve"].append((record["step"], record["loss"]))
-        self.summary["epoch_img_per_s"].append(record["img_per_s"])
-        self.summary.update(final_loss=record["loss"], img_per_s=statistics.median(self.summary["epoch_img_per_s"]))
+        that compiles, or the one a precision schedule recompiles in, is an outlier); an epoch
+        without a loss (all skipped) or a speed (resumed at its end) adds neither."""
+        if record["loss"] is not None:
+            self.summary["epoch_curve"].append((record["step"], record["loss"]))
+            self.summary["final_loss"] = record["loss"]
+        if record.get("img_per_s") is not None:
+            self.summary["epoch_img_per_s"].append(record["img_per_s"])
+            self.summary["img_per_s"] = statistics.median(self.summary["epoch_img_per_s"])
 
     def _checkpoint(self, epoch, batch) -> Path:
         return save_checkpoint(self.train_step, self.config, self.run_dir, self.progress.state_dict(epoch, batch))

@@ -244,6 +244,29 @@ def test_nan_loss_is_skipped_and_counted(tmp_path, images, monkeypatch):
     assert [e["skipped_steps"] for e in epochs] == [1, 2] and all(e["loss"] == e["loss"] for e in epochs)
 
 
+def test_epoch_lines_count_their_own_skips_and_no_loss_or_speed_they_do_not_have(tmp_path, images, monkeypatch,
+                                                                                  capsys):
+    """Issue 33 item 7: an epoch whose steps were all skipped logged loss 0.0; "skipped N" was the
+    run's count on a line that reads per epoch; an epoch resumed at its last step logged 0 img/s."""
+    nan_at(monkeypatch, {5, 6, 7, 8})  # all of epoch 2 (4 steps an epoch)
+    _, run_dir = run(tmp_path, images, "--epochs", "3", "--max-bad-steps", "10")
+    out = capsys.readouterr().out
+    assert "epoch 2/3  loss n/a (every step skipped)" in out and "skipped 4 steps" in out
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert "skipped" not in epoch_lines[0] and "skipped" not in epoch_lines[2]
+    epochs = [l for l in metrics(run_dir) if l["type"] == "epoch"]
+    assert [e["loss"] is None for e in epochs] == [False, True, False] and epochs[2]["skipped_steps"] == 4
+    json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])  # strict JSON: null, not NaN
+    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        stop_after(patch, 4)  # the last step of epoch 1: its record is written on resume
+        with pytest.raises(SystemExit):
+            run(tmp_path, images, "--epochs", "2", run_name="end")
+    summary = cli(tmp_path, "--resume", str(tmp_path / "runs" / "end"), run_name=None)[0]
+    first = [l for l in metrics(tmp_path / "runs" / "end", timing=True) if l["type"] == "epoch"][0]
+    assert first["img_per_s"] is None and len(summary["epoch_img_per_s"]) == 1 and summary["img_per_s"] > 0
+
+
 def test_consecutive_nan_losses_stop_the_run(tmp_path, images, monkeypatch, capsys):
     nan_at(monkeypatch, set(range(6, 100)))
     with pytest.raises(SystemExit) as exit_info:
