@@ -1821,6 +1821,20 @@ def load_model_state(model, state: dict, source: str):
     model.load_state_dict(state, strict=False)
 
 
+def strict_json(obj, **kwargs) -> str:
+    """json.dumps with NaN and infinities written as null, as strict JSON parsers require (Python
+    writes NaN, which they reject)."""
+    def finite(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
 class RunLog:
     """metrics.jsonl (appended), stdout lines and optional W&B, written by rank 0 only."""
 
@@ -1835,7 +1849,7 @@ class RunLog:
     def metrics(self, record: dict):
         if not self.active:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(strict_json(record) + "\n")
         self.file.flush()
         if self.wandb:
             self.wandb.log({f"{record['type']}/{k}": v for k, v in record.items()
@@ -2159,6 +2173,12 @@ def run_eval(path: str, cli: Config, explicit, finetune: Finetune) -> dict:
     ckpt, saved = load_checkpoint(path)
     config, _ = resume_config(saved, cli, explicit)  # this device; e.g. another --data-root
     device = torch.device(config.run.device)
+    out = path.with_name(f"eval_{path.stem}.json")
+    check_writable(out.parent)  # before the evaluation, not after it
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UsageError(f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
+                         f"its features would be NaN; evaluate an earlier checkpoint")
     model, precision = build_model(config, device, config.optim.batch_size)
     load_model_state(model, ckpt["model"], str(path))
     if ckpt.get("unquantized"):  # trained to the end in high precision (--high-precision-from)
@@ -2167,12 +2187,11 @@ def run_eval(path: str, cli: Config, explicit, finetune: Finetune) -> dict:
     results = evaluate(model, precision, config, load_images(config, train=True), load_images(config, train=False),
                        finetune)
     results["checkpoint"], results["step"] = str(path), ckpt["progress"]["step"]
-    out = path.with_name(f"eval_{path.stem}.json")
     try:
-        out.write_text(json.dumps(results, indent=2))
+        out.write_text(strict_json(results, indent=2))
     except OSError as error:
         raise UsageError(f"cannot write {out} ({error.strerror})") from None
-    print(json.dumps(results, indent=2))
+    print(strict_json(results, indent=2))
     print(f"[eval] written to {out}")
     return results
 
@@ -2198,7 +2217,7 @@ def run_compare(variants: tuple, seeds: tuple, finetune: Finetune) -> dict:
     report = compare_report(results, variants, seeds)
     write_compare_table(report, folder / "table.md", variants[0].config, seeds)
     write_cells_csv(results, folder / "cells.csv")
-    (folder / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    (folder / "results.json").write_text(strict_json(report, indent=2, default=str))
     plot_loss_curves(results, report["reference"], folder / "loss_curves.png")
     save_labelled_recons(results, folder / "recons.png")
     if plot_fp4_stats(results, folder / "fp4_stats.png"):
@@ -2259,7 +2278,7 @@ def run_cell(root: Path, label: str, config: Config, finetune: Finetune) -> dict
     summary.update(evaluate(loop.train_step.model, loop.train_step.precision, config, loop.train_split,
                             loop.heldout_split, finetune))
     summary.update(variant=label, seed=config.run.seed, cell_wall_s=time.perf_counter() - start)
-    done.write_text(json.dumps(summary, default=str))
+    done.write_text(strict_json(summary, default=str))
     return json.loads(done.read_text())
 
 
@@ -2294,7 +2313,9 @@ def compare_report(results: dict, variants: tuple, seeds: tuple) -> dict:
             ref_values = [results[reference][seed].get(key) for seed in seeds]
             if label != reference and key in row and None not in ref_values:
                 d = np.array(values) - np.array(ref_values)
-                entry = {"mean": float(d.mean()), "relative": float(d.mean() / np.mean(ref_values)), "n": len(d)}
+                ref_mean = float(np.mean(ref_values))  # relative: None where the reference's mean is 0
+                entry = {"mean": float(d.mean()), "relative": float(d.mean()) / ref_mean if ref_mean else None,
+                         "n": len(d)}
                 if len(d) > 1:
                     half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
                     entry.update(ci95=[float(d.mean() - half), float(d.mean() + half)],
@@ -2318,6 +2339,10 @@ def closest_variants(differences: dict, key: str = "final_loss") -> dict:
     return closest
 
 
+def percent(relative: Optional[float]) -> str:
+    return "n/a %: the reference is 0" if relative is None else f"{relative:+.1%}"
+
+
 def write_compare_table(report: dict, path: Path, config: Config, seeds: tuple):
     """Two markdown tables: mean +- std per variant; the paired differences to the reference."""
     keys = [k for k in COMPARE_METRICS if any(k in row for row in report["variants"].values())]
@@ -2337,10 +2362,10 @@ def write_compare_table(report: dict, path: Path, config: Config, seeds: tuple):
             if d is None:
                 out.append("n/a")
             elif "ci95" not in d:
-                out.append(f"{fmt.format(d['mean'])} ({d['relative']:+.1%}; 1 seed)")
+                out.append(f"{fmt.format(d['mean'])} ({percent(d['relative'])}; 1 seed)")
             else:
                 lo, hi = (fmt.format(v) for v in d["ci95"])
-                out.append(f"{fmt.format(d['mean'])} ({d['relative']:+.1%}) [{lo}, {hi}]{' *' if d['excludes_zero'] else ''}")
+                out.append(f"{fmt.format(d['mean'])} ({percent(d['relative'])}) [{lo}, {hi}]{' *' if d['excludes_zero'] else ''}")
         lines.append(f"| {label} | " + " | ".join(out) + " |")
     for precision, best in report["closest"].items():
         d = best["final_loss"]
@@ -2350,7 +2375,7 @@ def write_compare_table(report: dict, path: Path, config: Config, seeds: tuple):
         else:
             ci, verdict = "", "1 seed, no CI"
         lines.append(f"\nClosest {precision} variant to {ref} in final loss: {best['variant']}, "
-                     f"{d['mean']:+.4f} ({d['relative']:+.1%}){ci}: {verdict}.")
+                     f"{d['mean']:+.4f} ({percent(d['relative'])}){ci}: {verdict}.")
     d, m, o = config.data, config.model, config.optim
     lines.append(f"\n{d.dataset}, model {m.preset}, {m.img_size}px/patch {m.patch_size}, {o.epochs} epochs, batch "
                  f"{o.batch_size}, seeds {', '.join(map(str, seeds))}; loss = mean masked MSE of the last epoch; "
@@ -2614,7 +2639,7 @@ def run_benchmark(config: Config, steps: int, synthetic: bool, profile: bool = F
     if profile:
         result.update(profile_benchmark(config, train_step, batches, warmup_steps + steps, profile_steps))
     with open(out / "benchmarks.jsonl", "a") as f:
-        f.write(json.dumps(result) + "\n")
+        f.write(strict_json(result) + "\n")
     return result
 
 

@@ -233,3 +233,33 @@ def test_memory_parts_of_the_benchmark_report(precision):
     assert parts["saved_x_gib"] * 2 ** 30 == sum(copy_bytes(tokens(name) * k, q) for name, k, _, q in gemms)
     # W for dX: every layer but patch_embed (the pixels need no gradient); W^T copies are W's size
     assert parts["saved_w_gib"] * 2 ** 30 == sum(copy_bytes(k * n, q) for name, k, n, q in gemms if name != "patch_embed")
+
+
+def test_a_zero_reference_and_nan_weights_are_said_not_written_as_nan(tmp_path, capsys):
+    """Issue 33 item 9: a reference metric of 0 gave '+nan%' and NaN in results.json (strict JSON
+    parsers reject it); --eval of NaN weights reported accuracies of NaN features."""
+    config = asmae_minimal.parse_config(["--device", "cpu", "--model", "tiny"])[1]
+    variants = (asmae_minimal.Variant("fp32", config), asmae_minimal.Variant("nvfp4", config))
+    results = {"fp32": {0: {"final_loss": 0.0}, 1: {"final_loss": 0.0}},
+               "nvfp4": {0: {"final_loss": 0.1, "knn_acc": float("nan")}, 1: {"final_loss": 0.2, "knn_acc": 0.5}}}
+    report = asmae_minimal.compare_report(results, variants, (0, 1))
+    text = asmae_minimal.strict_json(report)
+    def refuse(constant):
+        raise ValueError(constant)
+    parsed = json.loads(text, parse_constant=refuse)  # no NaN, Infinity
+    assert parsed["differences"]["nvfp4"]["final_loss"]["relative"] is None
+    assert parsed["cells"]["nvfp4"]["0"]["knn_acc"] is None
+    asmae_minimal.write_compare_table(report, tmp_path / "table.md", config, (0, 1))
+    table = (tmp_path / "table.md").read_text()
+    assert "nan%" not in table and "n/a %: the reference is 0" in table
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=20)
+    _, run_dir = cli(tmp_path, "--dataset", "folder", "--data-root", str(data), "--epochs", "1")
+    good = sorted(run_dir.glob("checkpoint_step*.pt"))[-1]
+    ckpt = torch.load(good, weights_only=True)
+    next(v for v in ckpt["model"].values() if v.is_floating_point()).fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli(tmp_path, "--eval", str(tmp_path / "nan.pt"), run_name=None)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "holds non-finite weights" in err and len(err.strip().splitlines()) == 1
