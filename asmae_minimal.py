@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import typing
+import warnings
 import urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -402,6 +403,10 @@ def parse_config(argv=None) -> tuple:
         raise UsageError(f"{listed(switches_set(ns, NVFP4_ONLY))} to nvfp4, which --compare does not list")
     seeds = parse_seeds(command.seeds, ns["seed"])
     variants = tuple(Variant(label, parse_variant(label, ns, device, explicit)) for label in labels)
+    for i, (label, config) in enumerate(variants):
+        same = next((other for other, c in variants[:i] if c == config), None)
+        if same is not None:
+            raise UsageError(f"--compare variants {same!r} and {label!r} are the same configuration; drop one")
     return dataclasses.replace(command, variants=variants, sweep_seeds=seeds), variants[0].config
 
 
@@ -520,7 +525,9 @@ def validate(config: Config) -> Config:
         (o.lr is None or o.lr > 0, f"--lr must be positive, got {o.lr}"),
         (o.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {o.warmup_epochs}"),
         (o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}"),
-        (d.num_workers >= 0, f"--num-workers must be >= 0, got {d.num_workers}"),
+        (0 <= d.num_workers <= 4 * (os.cpu_count() or 1),
+         f"--num-workers must be in [0, {4 * (os.cpu_count() or 1)}] (4 per core here), got {d.num_workers}"),
+        (r.out_dir.strip() != "", "--out-dir is empty; name a folder (the default is runs)"),
         (r.log_every > 0 and r.save_every > 0 and r.keep_last > 0 and r.max_bad_steps > 0,
          "--log-every, --save-every, --keep-last and --max-bad-steps must be positive"),
         (p.name != "bf16" or p.amp, "--precision bf16 runs under AMP; drop --no-amp or use --precision fp32"),
@@ -543,6 +550,9 @@ def validate(config: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    if m.num_patches < 2:
+        raise UsageError(f"--img-size {m.img_size} / --patch-size {m.patch_size} gives {m.num_patches} patch; "
+                         f"MAE masks some patches and sees the rest: take a smaller --patch-size")
     if not 0 < m.num_visible < m.num_patches:
         raise UsageError(f"--mask-ratio {m.mask_ratio} leaves {m.num_visible} of {m.num_patches} patches visible")
     batch_bytes = 4 * (o.batch_size // world) * (3 * m.img_size ** 2 + m.num_patches)  # a lower bound
@@ -602,6 +612,8 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise UsageError(f"--device {name}: the CPU is one device; use --device cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
@@ -1426,7 +1438,7 @@ class TrainingLoop:
             log.print(f"[precision] {line}")
         o = c.optim
         log.print(f"[optim] batch {o.batch_size} ({self.world} process{'es' if self.world > 1 else ''}), "
-                  f"lr {o.peak_lr:.3g}, warmup {o.warmup_epochs:g} of {o.epochs} epochs, AMP "
+                  f"lr {o.peak_lr:.3g}, warmup {o.warmup_epochs:g} of {o.epochs} epoch{'s' * (o.epochs != 1)}, AMP "
                   f"{'on' if c.precision.amp else 'off'}, compile {'on' if c.run.compile else 'off'}"
                   f"{' (whole step in one CUDA graph)' if self.train_step.graphed else ''}, seed {c.run.seed}")
         if o.warmup_epochs >= o.epochs:
@@ -1436,7 +1448,7 @@ class TrainingLoop:
             log.print(f"[resume] {change}")
         p = self.progress
         if self.complete:
-            log.print(f"[resume] {self.run_dir} is complete ({p.epoch} of {o.epochs} epochs); pass --epochs N to "
+            log.print(f"[resume] {self.run_dir} is complete ({p.epoch} of {o.epochs} epoch{'s' * (o.epochs != 1)}); pass --epochs N to "
                       f"train it on")
         elif resumed:
             log.print(f"[resume] from step {p.step} (epoch {p.epoch + 1}, batch {p.batch})")
@@ -1748,7 +1760,9 @@ def load_checkpoint(path: Path) -> tuple:
     """(checkpoint dict, its Config). A checkpoint is untrusted input: weights_only=True
     unpickles tensors and plain data only."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own lines about legacy formats: the refusal below says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UsageError(f"checkpoint {path} cannot be read: corrupt, truncated or not a checkpoint "
                          f"({type(error).__name__})") from None
@@ -1789,6 +1803,11 @@ def checkpoint_problem(ckpt: dict) -> Optional[str]:
             if f.name in values and not any(fits.get(kind, lambda v: True)(values[f.name]) for kind in kinds):
                 expected = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
                 return f"config.{section}.{f.name} is {values[f.name]!r}; expected {expected}"
+    run = ckpt["config"]["run"]
+    try:
+        check_run_name(run.get("run_name") or "run", run.get("out_dir") or "runs")
+    except UsageError:
+        return f"config.run.run_name {run.get('run_name')!r} is not a plain folder name inside its --out-dir"
     progress = ckpt["progress"]
     if not isinstance(progress, dict) or not all(is_int(progress.get(k)) and progress[k] >= 0
                                                  for k in ("epoch", "batch", "step")):
@@ -2240,6 +2259,9 @@ def compare_root(variants: tuple, seeds: tuple, finetune: Finetune) -> Path:
         saved = root / "config.json"
         if saved.is_file():
             claim_folder(root)
+            if "compare" not in json.loads(saved.read_text()):
+                raise UsageError(f"{root} is a training run's folder, not a comparison's; choose another "
+                                 f"--run-name")
             if json.loads(saved.read_text()) != json.loads(json.dumps(plan)):
                 raise UsageError(f"{root} holds another comparison (other variants, seeds or flags); pass "
                                  f"--overwrite to replace it, or another --run-name")
@@ -2700,7 +2722,8 @@ def main(argv=None):
     except OSError as error:  # the machine refused a write (disk full, read-only): one line too
         if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise
-        print(f"asmae_minimal.py: error: {error.strerror}: {error.filename}", file=sys.stderr)
+        where = f": {error.filename}" if error.filename else " (writing the run's outputs)"
+        print(f"asmae_minimal.py: error: {error.strerror}{where}", file=sys.stderr)
         raise SystemExit(2)
     except NonFiniteLossError as error:
         print(f"asmae_minimal.py: stopped: {error}", file=sys.stderr)

@@ -86,6 +86,12 @@ def test_unwritable_outputs_and_bad_numbers_fail_before_the_data_loads(tmp_path,
            for flag in ("--lr", "--blr", "--weight-decay", "--warmup-epochs", "--mask-ratio")},
         "full-width digit": (["--epochs", "\uff11"], "argument --epochs: takes an integer"),
         "full-width seed": (["--compare", "fp32", "--seeds", "\uff11"], "--seeds takes comma-separated integers"),
+        # issue 33 item 10
+        "cpu index": (["--device", "cpu:7"], "the CPU is one device"),
+        "empty out-dir": (["--out-dir", ""], "--out-dir is empty"),
+        "one patch": (["--img-size", "32", "--patch-size", "32"], "gives 1 patch"),
+        "500 workers": (["--num-workers", "500"], "--num-workers must be in [0,"),
+        "same variant twice": (["--compare", "fp32,fp32:no-amp"], "'fp32' and 'fp32:no-amp' are the same configuration"),
     }
     for case, (argv, message) in cases.items():
         fails(capsys, ["--out-dir", str(tmp_path / "runs"), *argv, *NO_DATA], message)
@@ -166,7 +172,7 @@ def test_resume_and_eval_bookkeeping(tmp_path, images, capsys):
     fails(capsys, ["--eval", str(tmp_path / "empty")], "--eval ")
     before = (run_dir / "metrics.jsonl").read_text()
     summary = asmae_minimal.main(["--resume", str(run_dir), "--device", "cpu"])
-    assert "is complete (1 of 1 epochs); pass --epochs N" in capsys.readouterr().out
+    assert "is complete (1 of 1 epoch); pass --epochs N" in capsys.readouterr().out
     assert (run_dir / "metrics.jsonl").read_text() == before and "checkpoint" not in summary
 
 
@@ -194,3 +200,11 @@ def test_loss_curves_plot_epoch_means_of_short_runs(tmp_path):
         pixels = np.asarray(png.convert("RGB")).reshape(-1, 3).astype(int)
     for color in ((31, 119, 180), (255, 127, 14)):  # matplotlib's first two line colours: both lines drawn
         assert (np.abs(pixels - color).sum(1) < 30).sum() > 50
+
+
+def test_compare_onto_a_training_runs_folder_says_so(tmp_path, images, capsys):
+    """Issue 33 item 10: it said the folder 'holds another comparison'."""
+    cli(tmp_path, "--dataset", "folder", "--data-root", str(images), "--epochs", "1", run_name="plain")
+    capsys.readouterr()
+    fails(capsys, ["--out-dir", str(tmp_path / "runs"), "--run-name", "plain", "--dataset", "folder", "--data-root",
+                   str(images), "--compare", "fp32", "--finetune-epochs", "0"], "is a training run's folder, not a comparison's")

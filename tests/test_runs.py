@@ -186,7 +186,8 @@ def test_checkpoint_fields_are_validated_before_anything_is_written(tmp_path, im
              "step": (lambda c: c["progress"].update(step=-1), "progress "),
              "rng": (lambda c: c.pop("rng"), "missing rng"),
              "guard": (lambda c: c["guard"].pop("streak"), "guard is not"),
-             "sums": (lambda c: c["progress"]["sums"].update(epoch_loss="x"), "progress.sums")}
+             "sums": (lambda c: c["progress"]["sums"].update(epoch_loss="x"), "progress.sums"),
+             "run name": (lambda c: c["config"]["run"].update(run_name="../../etc"), "config.run.run_name '../../etc'")}
     for case, (spoil, message) in cases.items():
         folder = tmp_path / "runs" / f"bad-{case}"
         shutil.copytree(run_dir, folder)
