@@ -681,16 +681,45 @@ def fake_images(train: bool, seed: int = 0):
     return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g)
 
 
+IMAGE_FILES = (*IMG_EXTENSIONS, ".gif")  # torchvision's, and GIFs (their first frame)
+
+
+def rgb8(img: Image.Image) -> Optional[Image.Image]:
+    """An 8-bit RGB image of img, its range kept: 16-bit and 32-bit integer images (modes I;16*,
+    I; PIL's convert clips them at 255) are scaled by 255 / 65535 where a value exceeds 255;
+    float images (mode F; convert truncates them to 0) by 255 if within [0, 1], as they are if
+    within [0, 255]; None for any other float range (skipped and counted)."""
+    if not img.mode.startswith(("I", "F")):
+        return img.convert("RGB")
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I"):
+        a = a * (255 / 65535) if a.max(initial=0) > 255 else a
+    elif a.min(initial=0) >= 0 and a.max(initial=0) <= 1:
+        a = a * 255
+    elif not (a.min(initial=0) >= 0 and a.max(initial=0) <= 255):
+        return None
+    return Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8)).convert("RGB")
+
+
 def folder_images(root: str, train: bool, size: int):
     """Every readable image under root (recursive), resized (shorter side) and center-cropped
-    to size. Every 10th file is held out. Labels come from first-level subfolders when there are
-    at least two of them; unreadable files are skipped and counted."""
+    to size, in 8 bits with its range kept (rgb8). Every 10th file is held out (with fewer than 10,
+    none: held-out metrics then use the training images, which the first call says). Labels come
+    from first-level subfolders when there are at least two of them; unreadable files are skipped
+    and counted, and so are files that are not images."""
     root_path = Path(root)
     if not root_path.is_dir():
         raise UsageError(f"--data-root {root} is not a folder of images")
-    files = sorted(f for f in root_path.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+    every = sorted(f for f in root_path.rglob("*") if f.is_file() and not f.name.startswith("."))
+    files = [f for f in every if f.suffix.lower() in IMAGE_FILES]
     if not files:
-        raise UsageError(f"--data-root {root} holds no images ({', '.join(IMG_EXTENSIONS)})")
+        raise UsageError(f"--data-root {root} holds no images ({', '.join(IMAGE_FILES)})")
+    if train:
+        others = sorted({f.suffix.lower() or f.name for f in every} - set(IMAGE_FILES))
+        held = len(files) // 10 if len(files) >= 10 else 0
+        print(f"[data] {root}: {len(files)} images, {held} held out (every 10th)"
+              + ("; fewer than 10, so held-out metrics use the training images" if not held else "")
+              + (f"; ignored {len(every) - len(files)} other files ({', '.join(others[:5])})" if others else ""))
     files = [f for i, f in enumerate(files) if (i % 10 == 9) != train] if len(files) >= 10 else files
     classes = sorted({f.relative_to(root_path).parts[0] for f in files if len(f.relative_to(root_path).parts) > 1})
     resize = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
@@ -698,14 +727,19 @@ def folder_images(root: str, train: bool, size: int):
     for f in files:
         try:
             with Image.open(f) as img:
-                images.append(torch.from_numpy(np.array(resize(img.convert("RGB")))).permute(2, 0, 1))
+                rgb = rgb8(img)
+                if rgb is None:
+                    skipped += 1
+                    continue
+                images.append(torch.from_numpy(np.array(resize(rgb))).permute(2, 0, 1))
             labels.append(classes.index(f.relative_to(root_path).parts[0]) if len(classes) >= 2 else 0)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):  # too many pixels
             skipped += 1
     if not images:
         raise UsageError(f"--data-root {root}: none of the {len(files)} image files could be read")
     if skipped:
-        print(f"[data] skipped {skipped} unreadable file(s) under {root}")
+        print(f"[data] skipped {skipped} unreadable file(s) under {root} (corrupt, too large, or float values "
+              f"outside [0, 255])")
     return torch.stack(images), (torch.tensor(labels) if len(classes) >= 2 else None)
 
 

@@ -208,3 +208,23 @@ def test_compare_onto_a_training_runs_folder_says_so(tmp_path, images, capsys):
     capsys.readouterr()
     fails(capsys, ["--out-dir", str(tmp_path / "runs"), "--run-name", "plain", "--dataset", "folder", "--data-root",
                    str(images), "--compare", "fp32", "--finetune-epochs", "0"], "is a training run's folder, not a comparison's")
+
+
+def test_folder_images_keep_their_range_and_the_loader_says_what_it_took(tmp_path, capsys):
+    """Issue 33 item 8: a 16-bit PNG came out 99.5 % white, a float TIFF all black, GIFs were
+    ignored, and with fewer than 10 images held-out metrics silently used the training images."""
+    root = tmp_path / "mixed"
+    root.mkdir()
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(root / "deep.png")  # mode I;16
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(root / "float.tif")
+    Image.fromarray((ramp * 1000).astype(np.float32), mode="F").save(root / "radiance.tif")  # no range to take
+    Image.fromarray((ramp * 255).astype(np.uint8)).convert("P").save(root / "anim.gif")
+    (root / "notes.txt").write_text("not an image")
+    images, _ = asmae_minimal.folder_images(str(root), train=True, size=32)
+    out = capsys.readouterr().out
+    assert len(images) == 3  # the PNG, the [0, 1] TIFF, the GIF; the [0, 1000] TIFF skipped and counted
+    for image in images.float():
+        assert abs(image.mean().item() - 127.5) < 3  # the ramp's mean, in 8 bits
+    assert "4 images, 0 held out" in out and "held-out metrics use the training images" in out
+    assert "ignored 1 other files (.txt)" in out and "skipped 1 unreadable file(s)" in out
