@@ -2161,6 +2161,11 @@ def evaluate(model: MAE, precision: nvfp4.Precision, config: Config, train: Spli
         if finetune is not None and finetune.epochs > 0:
             results["finetune_acc"] = finetune_accuracy(model, precision, config, train, heldout, finetune)
             results["finetune"] = f"{finetune.epochs} epochs, {finetune.precision}"
+    else:
+        why = ("its images have no labels (a folder needs two or more first-level subfolders)"
+               if train.labels is None or heldout.labels is None else "its training images have one class")
+        print(f"[eval] {dataset}: {why}, so no linear probe, kNN or fine-tuning; held-out loss and PSNR only")
+        results["accuracy_skipped"] = why
     model.train()
     return results
 

@@ -263,3 +263,13 @@ def test_a_zero_reference_and_nan_weights_are_said_not_written_as_nan(tmp_path, 
         cli(tmp_path, "--eval", str(tmp_path / "nan.pt"), run_name=None)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "holds non-finite weights" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_one_class_folder_says_why_it_has_no_accuracies(tmp_path, capsys):
+    """Issue 33 item 9: probe, kNN and fine-tuning were dropped without a word."""
+    data = write_image_folder(tmp_path / "images", classes=1, per_class=40)
+    _, run_dir = cli(tmp_path, "--dataset", "folder", "--data-root", str(data), "--epochs", "1")
+    capsys.readouterr()
+    results = asmae_minimal.main(["--eval", str(run_dir), "--device", "cpu", "--finetune-epochs", "1"])
+    assert "no linear probe, kNN or fine-tuning" in capsys.readouterr().out
+    assert "linear_probe_acc" not in results and "no labels" in results["accuracy_skipped"]
