@@ -1359,10 +1359,10 @@ class Progress:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM: finish the current step, checkpoint, exit. A second Ctrl-C exits at once."""
+    """SIGINT/SIGTERM: finish the current step (or part), checkpoint, exit. A second Ctrl-C exits at once."""
 
-    def __init__(self):
-        self.signal = None
+    def __init__(self, what: str = "finishing this step, then checkpoint and exit"):
+        self.signal, self.what = None, what
         self.previous = {}
 
     def install(self):
@@ -1373,8 +1373,7 @@ class StopRequest:
         if self.signal is not None and sig == signal.SIGINT:
             os._exit(130)
         self.signal = sig
-        tqdm.write(f"[stop] {signal.Signals(sig).name}: finishing this step, then checkpoint and exit "
-                   f"(Ctrl-C again to quit now)")
+        tqdm.write(f"[stop] {signal.Signals(sig).name}: {self.what} (Ctrl-C again to quit now)")
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -1382,8 +1381,8 @@ class StopRequest:
 
 
 class Interrupted(Exception):
-    def __init__(self, sig, checkpoint):
-        super().__init__(f"stopped by {signal.Signals(sig).name}; checkpoint {checkpoint}")
+    def __init__(self, sig, checkpoint, what="checkpoint"):
+        super().__init__(f"stopped by {signal.Signals(sig).name}; {what} {checkpoint}")
         self.sig, self.checkpoint = sig, checkpoint
 
 
@@ -1688,6 +1687,13 @@ class RecordingWriter:
         self.file.flush()
 
 
+def atomic_write_text(path: Path, text: str):
+    """path's new text, or its old one after a crash: written beside it, then renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def atomic_save(obj, path: Path):
     """torch.save to a temp file, fsync, rename: a crash never leaves a truncated file. A failed
     write removes the temp file and raises the write's OSError."""
@@ -1921,7 +1927,7 @@ class RunLog:
 
 # What this program writes in a run folder; a compare folder also holds run folders.
 RUN_FILES = (LOCK_FILE := ".lock", "config.json", "metrics.jsonl", "checkpoint_step*.pt", "checkpoint_step*.pt.tmp", "eval_*.json",
-             "recons", "compare", "wandb", "cell.json")
+             "recons", "compare", "wandb", "cell.json", "cell_eval.json")
 
 
 def plan_run_dir(config: Config, kind: Optional[str] = None) -> Path:
@@ -2144,23 +2150,31 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07):
 
 
 def evaluate(model: MAE, precision: nvfp4.Precision, config: Config, train: Split, heldout: Split,
-             finetune: Optional["Finetune"] = None) -> dict:
+             finetune: Optional["Finetune"] = None, done: Optional[dict] = None, finished=None) -> dict:
     """Held-out loss and PSNR; with labels, linear-probe and kNN accuracy on encoder features,
-    and with `finetune` (epochs > 0) the fine-tuned top-1."""
+    and with `finetune` (epochs > 0) the fine-tuned top-1. done: the results of parts finished
+    before (a stopped sweep's), which are not run again; finished(results) is called after each
+    part (a sweep saves them there, and stops there on a signal)."""
     dataset, seed = config.data.dataset, config.run.seed
+    results, finished = dict(done or {}), finished or (lambda results: None)
     model.eval()
-    results = heldout_metrics(model, heldout.images, precision, dataset, seed)
+    if "heldout_loss" not in results:
+        results.update(heldout_metrics(model, heldout.images, precision, dataset, seed))
+        finished(results)
     if train.labels is not None and heldout.labels is not None and len(train.labels.unique()) > 1:
-        device = next(model.parameters()).device
-        train_x = extract_features(model, train.images, precision, dataset)
-        test_x = extract_features(model, heldout.images, precision, dataset)
-        train_y, test_y = train.labels.to(device), heldout.labels.to(device)
-        results["linear_probe_acc"] = linear_probe(train_x, train_y, test_x, test_y, seed=seed)
-        results["knn_acc"] = knn_accuracy(train_x, train_y, test_x, test_y)
-        results["chance_acc"] = 1.0 / len(train.labels.unique())
-        if finetune is not None and finetune.epochs > 0:
+        if "knn_acc" not in results:
+            device = next(model.parameters()).device
+            train_x = extract_features(model, train.images, precision, dataset)
+            test_x = extract_features(model, heldout.images, precision, dataset)
+            train_y, test_y = train.labels.to(device), heldout.labels.to(device)
+            results["linear_probe_acc"] = linear_probe(train_x, train_y, test_x, test_y, seed=seed)
+            results["knn_acc"] = knn_accuracy(train_x, train_y, test_x, test_y)
+            results["chance_acc"] = 1.0 / len(train.labels.unique())
+            finished(results)
+        if finetune is not None and finetune.epochs > 0 and "finetune_acc" not in results:
             results["finetune_acc"] = finetune_accuracy(model, precision, config, train, heldout, finetune)
             results["finetune"] = f"{finetune.epochs} epochs, {finetune.precision}"
+            finished(results)
     else:
         why = ("its images have no labels (a folder needs two or more first-level subfolders)"
                if train.labels is None or heldout.labels is None else "its training images have one class")
@@ -2336,8 +2350,20 @@ def run_cell(root: Path, label: str, config: Config, finetune: Finetune) -> dict
     else:
         loop = TrainingLoop(config)
     summary = loop.train()
-    summary.update(evaluate(loop.train_step.model, loop.train_step.precision, config, loop.train_split,
-                            loop.heldout_split, finetune))
+    parts = run_dir / "cell_eval.json"  # the evaluation's finished parts, kept across a stop
+    stop = StopRequest("finishing this part of the evaluation, then save it and exit")
+    stop.install()
+
+    def finished(results):
+        atomic_write_text(parts, strict_json(results))
+        if stop.signal is not None:
+            raise Interrupted(stop.signal, parts, "the evaluation's finished parts")
+    try:
+        summary.update(evaluate(loop.train_step.model, loop.train_step.precision, config, loop.train_split,
+                                loop.heldout_split, finetune, json.loads(parts.read_text()) if parts.is_file() else {},
+                                finished))
+    finally:
+        stop.restore()
     summary.update(variant=label, seed=config.run.seed, cell_wall_s=time.perf_counter() - start)
     done.write_text(strict_json(summary, default=str))
     return json.loads(done.read_text())

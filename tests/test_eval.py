@@ -273,3 +273,34 @@ def test_a_one_class_folder_says_why_it_has_no_accuracies(tmp_path, capsys):
     results = asmae_minimal.main(["--eval", str(run_dir), "--device", "cpu", "--finetune-epochs", "1"])
     assert "no linear probe, kNN or fine-tuning" in capsys.readouterr().out
     assert "linear_probe_acc" not in results and "no labels" in results["accuracy_skipped"]
+
+
+def test_a_sweep_stopped_during_evaluation_keeps_its_finished_parts(tmp_path, monkeypatch, capsys):
+    """Issue 33 item 5: SIGTERM during a cell's fine-tuning exited 143 without a line, and every
+    rerun began the evaluation again; now the signal waits for the part, the finished parts are
+    saved, and the rerun goes on with the next part."""
+    import os
+    import signal
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=30)
+    argv = ("--dataset", "folder", "--data-root", str(data), "--epochs", "1", "--finetune-epochs", "1",
+            "--compare", "fp32")
+    real_finetune = asmae_minimal.finetune_accuracy
+
+    def finetune_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the fine-tuning
+        return real_finetune(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(asmae_minimal, "finetune_accuracy", finetune_then_signal)
+        with pytest.raises(SystemExit) as exit_info:
+            cli(tmp_path, *argv, run_name="sw")
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM; the evaluation's finished parts" in capsys.readouterr().err
+    parts = json.loads((tmp_path / "runs" / "sw" / "fp32-seed0" / "cell_eval.json").read_text())
+    assert {"heldout_loss", "knn_acc", "finetune_acc"} <= set(parts)  # the part under way finished first
+    (tmp_path / "runs" / "sw" / "fp32-seed0" / "cell_eval.json").write_text(json.dumps(
+        {k: v for k, v in parts.items() if not k.startswith("finetune")}))  # as if stopped before it
+    with monkeypatch.context() as patch:
+        patch.setattr(asmae_minimal, "linear_probe", lambda *a, **k: pytest.fail("the probe ran again"))
+        report = cli(tmp_path, *argv, run_name="sw")[0]
+    cell = report["cells"]["fp32"]["0"]
+    assert cell["knn_acc"] == parts["knn_acc"] and cell["finetune_acc"] == parts["finetune_acc"]
