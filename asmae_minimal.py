@@ -1535,15 +1535,18 @@ class TrainingLoop:
                 self._report_warmup()
             elif self.config.run.compile and p.step == self.workers_stop_step:
                 stop_compile_workers()  # the switch's recompile started them again (see the function)
-            if b == first:  # the bar shows loss and lr from its first step on (one sync an epoch)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(p.step - 1, steps, o):.2e}")
+            if b == first:  # the bar shows loss from its first step on (one sync an epoch)
+                shown = dict(loss=f"{loss.item():.4f}")
+            shown["lr"] = f"{lr_at(p.step - 1, steps, o):.2e}"  # every step's (host arithmetic, no sync)
+            bar.set_postfix(shown, refresh=False)
             if p.step % self.config.run.log_every == 0:
                 m = self.config.model
                 check_mask(mask, len(imgs), m.num_patches, m.num_patches - m.num_visible)
                 record = self._log_step(epoch, lr_at(p.step - 1, steps, o), grad_norm,
                                         interval_seen / (time.perf_counter() - interval_t0), imgs, noise)
-                loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
-                bar.set_postfix(loss=loss, lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.0f}")
+                shown = dict(loss="n/a" if record["loss"] is None else f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             img_s=f"{record['img_per_s']:.0f}")
+                bar.set_postfix(shown)
                 interval_t0, interval_seen = time.perf_counter(), 0
             if stop.signal is not None:
                 bar.close()

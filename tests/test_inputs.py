@@ -182,6 +182,7 @@ def test_first_run_rough_edges(tmp_path, images, capsys):
     out, err = capsys.readouterr()
     assert "never reaches its peak" in out  # warmup 5 of 1 epochs
     assert "loss=" in err and "lr=" in err  # the bar shows them from the first step
+    assert "lr=0.00e+00" not in err.replace("\r", "\n").splitlines()[-2]  # its lr moves with every step
     run_dir = Path(summary["run_dir"])
     assert json.loads((run_dir / "config.json").read_text())["run"]["run_name"] == run_dir.name
     assert (tmp_path / "runs" / "recons" / f"{run_dir.name}_final_recon_ep0001.png").exists()

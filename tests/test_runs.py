@@ -398,3 +398,37 @@ def test_a_sweep_killed_after_a_cells_final_checkpoint_finishes(tmp_path, images
     capsys.readouterr()
     cli(tmp_path, *argv, run_name="sw")
     assert "fp32: no final reconstruction grid in its cells; left out of recons.png" in capsys.readouterr().out
+
+
+def test_a_sweep_killed_at_a_cells_final_grid_resumes_to_the_same_results(tmp_path, images):
+    """Issue 33 items 2 and 3 with a real kill -9, in a child process, at the first cell's final grid
+    (right after its final checkpoint): the rerun writes the grid, finishes the sweep, and its
+    weights and records equal a sweep that ran straight through."""
+    argv = ["--device", "cpu", "--model", "tiny", "--batch-size", "16", "--log-every", "2", "--dataset", "folder",
+            "--data-root", str(images), "--epochs", "1", "--finetune-epochs", "0", "--compare", "fp32",
+            "--out-dir", str(tmp_path / "runs")]
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+import asmae_minimal
+real = asmae_minimal.save_reconstructions
+def save(*args):
+    if args[-1].startswith("final_recon"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args)
+asmae_minimal.save_reconstructions = save
+asmae_minimal.main({argv + ["--run-name", "killed"]!r})
+"""
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    killed = tmp_path / "runs" / "killed"
+    assert list((killed / "fp32-seed0").glob("checkpoint_step*.pt")) and not (killed / "fp32-seed0" / "cell.json").exists()
+    asmae_minimal.main(argv + ["--run-name", "killed"])
+    asmae_minimal.main(argv + ["--run-name", "straight"])
+    straight = tmp_path / "runs" / "straight"
+    for cell in ("fp32-seed0",):
+        a, b = final_weights(straight / cell), final_weights(killed / cell)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), cell
+        assert metrics(straight / cell) == metrics(killed / cell), cell
+        assert (killed / cell / "recons" / "final_recon_ep0001.png").exists()
+    assert (killed / "compare" / "recons.png").exists() and (killed / "compare" / "table.md").exists()
