@@ -229,3 +229,25 @@ def test_folder_images_keep_their_range_and_the_loader_says_what_it_took(tmp_pat
         assert abs(image.mean().item() - 127.5) < 3  # the ramp's mean, in 8 bits
     assert "4 images, 0 held out" in out and "held-out metrics use the training images" in out
     assert "ignored 1 other files (.txt)" in out and "skipped 1 unreadable file(s)" in out
+
+
+def test_a_full_disk_without_a_file_name_and_eval_on_a_read_only_folder_are_one_line(tmp_path, images, capsys,
+                                                                                      monkeypatch):
+    """Issue 33 item 10: a disk filling while the grid was written said 'No space left on device:
+    None'; --eval on a read-only folder evaluated fully before it failed to write."""
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr(asmae_minimal, "save_reconstructions", full)
+        with pytest.raises(SystemExit) as exit_info:
+            cli(tmp_path, "--dataset", "folder", "--data-root", str(images), "--epochs", "1", run_name="full")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "No space left on device (writing the run's outputs)" in err and "None" not in err
+    _, run_dir = cli(tmp_path, "--dataset", "folder", "--data-root", str(images), "--epochs", "1")
+    capsys.readouterr()
+    monkeypatch.setattr(asmae_minimal, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking the folder"))
+    monkeypatch.setattr(asmae_minimal.tempfile, "TemporaryFile",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
+    fails(capsys, ["--eval", str(run_dir)], "cannot write in")
