@@ -478,19 +478,23 @@ def _row(x_ptr, k, c, rows, cols):
 
 
 @triton.jit
-def _blocks_down_columns(x_ptr, r, c, rows, cols):
-    """x^T's tile [BLOCK_C, 16] (fp32) of the 16 rows r and the columns c of x, each block (a column
-    of the tile) held by one thread: the 16 rows loaded one by one (again: the tile's first read
-    left them in L1) and joined, so that a block's in-order sums and scales take no data from
-    other threads. (tl.trans of the tile leaves each thread 2 values of 8 blocks, and 4over6's
+def _blocks_down_columns(x_ptr, c, rows, cols):
+    """x^T's tile [BLOCK_C, 16] (fp32) of this program's 16 rows and the columns c of x, each block
+    (a column of the tile) held by one thread: the 16 rows loaded one by one (again: the tile's
+    first read left them in L1) and joined, so that a block's in-order sums and scales take no data
+    from other threads. (tl.trans of the tile leaves each thread 2 values of 8 blocks, and 4over6's
     per-block work then runs 8 times a thread.) Joins put the new dimension last: pairing rows
     k and k + 8, then k and k + 4, k + 2, k + 1 lays the 16 out in order."""
     BLOCK_C: tl.constexpr = c.shape[0]
     r0 = tl.program_id(0) * 16
-    j0, j1 = tl.join(_row(x_ptr, r0, c, rows, cols), _row(x_ptr, r0 + 8, c, rows, cols)), tl.join(_row(x_ptr, r0 + 1, c, rows, cols), _row(x_ptr, r0 + 9, c, rows, cols))
-    j2, j3 = tl.join(_row(x_ptr, r0 + 2, c, rows, cols), _row(x_ptr, r0 + 10, c, rows, cols)), tl.join(_row(x_ptr, r0 + 3, c, rows, cols), _row(x_ptr, r0 + 11, c, rows, cols))
-    j4, j5 = tl.join(_row(x_ptr, r0 + 4, c, rows, cols), _row(x_ptr, r0 + 12, c, rows, cols)), tl.join(_row(x_ptr, r0 + 5, c, rows, cols), _row(x_ptr, r0 + 13, c, rows, cols))
-    j6, j7 = tl.join(_row(x_ptr, r0 + 6, c, rows, cols), _row(x_ptr, r0 + 14, c, rows, cols)), tl.join(_row(x_ptr, r0 + 7, c, rows, cols), _row(x_ptr, r0 + 15, c, rows, cols))
+    j0 = tl.join(_row(x_ptr, r0 + 0, c, rows, cols), _row(x_ptr, r0 + 8, c, rows, cols))
+    j1 = tl.join(_row(x_ptr, r0 + 1, c, rows, cols), _row(x_ptr, r0 + 9, c, rows, cols))
+    j2 = tl.join(_row(x_ptr, r0 + 2, c, rows, cols), _row(x_ptr, r0 + 10, c, rows, cols))
+    j3 = tl.join(_row(x_ptr, r0 + 3, c, rows, cols), _row(x_ptr, r0 + 11, c, rows, cols))
+    j4 = tl.join(_row(x_ptr, r0 + 4, c, rows, cols), _row(x_ptr, r0 + 12, c, rows, cols))
+    j5 = tl.join(_row(x_ptr, r0 + 5, c, rows, cols), _row(x_ptr, r0 + 13, c, rows, cols))
+    j6 = tl.join(_row(x_ptr, r0 + 6, c, rows, cols), _row(x_ptr, r0 + 14, c, rows, cols))
+    j7 = tl.join(_row(x_ptr, r0 + 7, c, rows, cols), _row(x_ptr, r0 + 15, c, rows, cols))
     q0, q1, q2, q3 = tl.join(j0, j4), tl.join(j1, j5), tl.join(j2, j6), tl.join(j3, j7)
     return tl.reshape(tl.join(tl.join(q0, q2), tl.join(q1, q3)), (BLOCK_C, 16))
 
@@ -513,7 +517,7 @@ def _column_copy(x, x_ptr, r, c, rows, cols, amax_ptr, bits_ptr, seed_ptr, offse
     u = _uniform(bits_ptr, seed_ptr, 1, tl.trans(offsets), tl.program_id(0) * cols + c, tl.trans(mask), RANDOM, 16)
     if FOUR_OVER_SIX != NO_FOUR_OVER_SIX:  # on [BLOCK_C, 1, 16], the rowwise layout of blocks
         tl.static_assert(not RHT, "4over6 copies take no RHT (TE: nvfp4_4over6 needs disable_rht)")
-        blocks = _blocks_down_columns(x_ptr, r, c, rows, cols)
+        blocks = _blocks_down_columns(x_ptr, c, rows, cols)
         block_amax = tl.max(tl.abs(blocks), axis=1, keep_dims=True)
         codes, scale, byte = _four_over_six(
             tl.reshape(blocks, (BLOCK_C, 1, 16)), tl.reshape(block_amax, (BLOCK_C, 1, 1)),
@@ -906,11 +910,11 @@ def _fp8_kernel(x_ptr, amax_ptr, out_ptr, out_t_words_ptr, scale_inv_ptr, rows, 
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
     x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0)
-    y = _to_fp8(x.to(tl.float32) * scale, out_ptr.dtype.element_ty)
+    y = x.to(tl.float32) * scale
     if ROWWISE:
-        tl.store(out_ptr + r[:, None] * cols + c[None, :], y, mask=mask)
+        tl.store(out_ptr + r[:, None] * cols + c[None, :], _to_fp8(y, out_ptr.dtype.element_ty), mask=mask)
     if TRANSPOSED:
-        byte = tl.trans(_fp8_byte(x.to(tl.float32) * scale, out_ptr.dtype.element_ty))  # [BLOCK_C, BLOCK_R]
+        byte = tl.trans(_fp8_byte(y, out_ptr.dtype.element_ty))  # [BLOCK_C, BLOCK_R]
         even, odd = tl.split(tl.reshape(byte, (BLOCK_C, BLOCK_R // 4, 2, 2)))  # rows 4w + 2j (+ 1)
         low, high = tl.split(even | (odd << 8))  # j = 0, 1: the word's low and high 16 bits
         w = tl.program_id(0) * (BLOCK_R // 4) + tl.arange(0, BLOCK_R // 4)
