@@ -1929,8 +1929,8 @@ class RunLog:
 
 
 # What this program writes in a run folder; a compare folder also holds run folders.
-RUN_FILES = (LOCK_FILE := ".lock", "config.json", "metrics.jsonl", "checkpoint_step*.pt", "checkpoint_step*.pt.tmp", "eval_*.json",
-             "recons", "compare", "wandb", "cell.json", "cell_eval.json")
+RUN_FILES = (LOCK_FILE := ".lock", "config.json", "metrics.jsonl", "checkpoint_step*.pt", "checkpoint_step*.pt.tmp",
+             "eval_*.json", "recons", "compare", "wandb", "cell.json", "cell_eval.json", "cell*.json.tmp")
 
 
 def plan_run_dir(config: Config, kind: Optional[str] = None) -> Path:
@@ -1978,15 +1978,22 @@ def claim_folder(folder: Path, exclusive: bool = False) -> bool:
         folder.mkdir(parents=True, exist_ok=not exclusive)
     except FileExistsError:
         return False
-    lock = open(folder / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
+    while True:
+        lock = open(folder / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise UsageError(f"{folder} is in use by {holder}; wait for it to end, or choose another "
+                             f"--run-name") from None
+        try:  # a run that ended unlinked the file it held: a lock on that one would claim nothing
+            if os.stat(folder / LOCK_FILE).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         lock.close()
-        raise UsageError(f"{folder} is in use by {holder}; wait for it to end, or choose another "
-                         f"--run-name") from None
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} ({' '.join(sys.argv[:1] + sys.argv[1:6])}...)\n")
@@ -2315,10 +2322,11 @@ def compare_root(variants: tuple, seeds: tuple, finetune: Finetune) -> Path:
         saved = root / "config.json"
         if saved.is_file():
             claim_folder(root)
-            if "compare" not in json.loads(saved.read_text()):
+            saved_plan = json.loads(saved.read_text())
+            if "compare" not in saved_plan:
                 raise UsageError(f"{root} is a training run's folder, not a comparison's; choose another "
                                  f"--run-name")
-            if json.loads(saved.read_text()) != json.loads(json.dumps(plan)):
+            if saved_plan != json.loads(json.dumps(plan)):
                 raise UsageError(f"{root} holds another comparison (other variants, seeds or flags); pass "
                                  f"--overwrite to replace it, or another --run-name")
             print(f"[compare] going on with {root}")
@@ -2368,7 +2376,7 @@ def run_cell(root: Path, label: str, config: Config, finetune: Finetune) -> dict
     finally:
         stop.restore()
     summary.update(variant=label, seed=config.run.seed, cell_wall_s=time.perf_counter() - start)
-    done.write_text(strict_json(summary, default=str))
+    atomic_write_text(done, strict_json(summary, default=str))  # a kill mid-write leaves no half cell.json
     return json.loads(done.read_text())
 
 
