@@ -8,63 +8,55 @@ NVFP4, FP8 or BF16, and see what 4-bit training costs: losses, pictures, speed, 
 
 The sections follow the data:
     config         flags -> one frozen Config (data, model, precision, optim, run), validated once
-    data           CIFAR / folder / fake images as uint8 tensors; the loaders (augmentation, masks)
+    data           (workbench/data.py: CIFAR / folder / fake images as uint8 tensors, the loaders)
     model          patchify, the ViT blocks, the MAE and its mask check
     precision      the linear layers in the run's precision (nvfp4.Precision), GEMM shape check
     train step     optimizer, schedule, compile, the loss guard; one optimizer step (CUDA graph)
     training loop  epochs, progress, logging, signals, the precision schedule, FP4 statistics
-    outputs        checkpoints, run folders, metrics.jsonl / W&B, reconstruction grids
-    evaluation     held-out loss and PSNR, linear probe, kNN, fine-tuning
-    comparison     --compare: a run per (variant, seed), resumable; means, paired CIs, figures
-    benchmark      --benchmark: img/s, step time, memory, data share, MFU
+    outputs        checkpoints, metrics.jsonl / W&B, reconstruction grids
+    workbench      what the workbench package runs with this script's pieces: --eval of a
+                   checkpoint, --compare's training run of a cell, --benchmark's step
     main           distributed setup, dispatch, exit codes
+
+workbench/ holds what is not one training run (evaluate, compare, report, benchmark, profile,
+data, files: run folders and their lock); nvfp4/ the numerics. Neither imports this script.
 """
 import argparse
-import copy
 import dataclasses
 import errno
-import fcntl
-import fnmatch
-import gc
 import importlib.util
-import itertools
 import json
 import math
-import netrc
 import os
 import random
-import re
 import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 import typing
 import warnings
-import urllib.parse
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
-from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-import augment
 import nvfp4
-
-try:
-    import augment_kernel  # Triton: the GPU loader's augmentation in one kernel
-except ImportError:
-    augment_kernel = None
+from workbench import benchmark, compare
+from workbench.cli import (ArgumentParser, Command, HelpFormatter, add_flag, device_memory, flag, resolve_device,
+                           wandb_can_log)
+from workbench.data import load_images, make_loader, plain_images, seed_for
+from workbench.errors import Interrupted, StopRequest, UsageError
+from workbench.evaluate import Finetune, evaluate, reconstruct
+from workbench.files import (atomic_save, check_run_name, check_writable, checkpoints, claim_folder, find_checkpoint,
+                             latest_checkpoint, make_run_dir, plan_run_dir, release_folders, strict_json)
+from workbench.schedule import warmup_cosine
 
 # ============================================================================= config
 
@@ -79,13 +71,6 @@ MODEL_PRESETS = {  # encoder dim x depth (heads), decoder dim x depth (heads), M
 PRESET_HELP = "; ".join(f"{k}: encoder {v['embed_dim']}x{v['depth']} ({v['num_heads']} heads), decoder "
                         f"{v['decoder_embed_dim']}x{v['decoder_depth']} ({v['decoder_num_heads']} heads)"
                         for k, v in MODEL_PRESETS.items())
-
-
-def flag(default, help: str, **argparse_kwargs):
-    """A config field that is a command-line flag: --field-name (or argparse_kwargs' `flag`), its
-    type from the annotation, `help` for --help. An Optional[bool] field is the pair --x / --no-x
-    (`off`: the help of --no-x), None until the CLI fills its per-device default."""
-    return field(default=default, metadata=dict(help=help, **argparse_kwargs))
 
 
 @dataclass(frozen=True)
@@ -130,8 +115,8 @@ class MAEConfig:
 @dataclass(frozen=True)
 class PrecisionConfig:
     """The linear layers' GEMM format and how it runs; the NVFP4 switches carry TE's names."""
-    name: Optional[str] = flag(None, "GEMM precision of the linear layers (default: bf16 with AMP, else fp32)",
-                               flag="--precision", choices=nvfp4.PRECISIONS)
+    precision: Optional[str] = flag(None, "GEMM precision of the linear layers (default: bf16 with AMP, else fp32)",
+                                    choices=nvfp4.PRECISIONS)
     amp: Optional[bool] = flag(None, "autocast activations to bf16 (fp16 + GradScaler where bf16 is missing); "
                                      "default on GPU", off="run activations in fp32")
     backend: str = flag("auto", "auto: Transformer Engine where it imports and the GPU runs the recipe, else "
@@ -146,11 +131,11 @@ class PrecisionConfig:
                                               "row_scaled_activation)")
     nvfp4_4over6: str = flag("none", "NVFP4: these forward operands take, per block, the better of map-to-6 and "
                                      "map-to-4 (Four Over Six, arXiv:2512.02010); activations and all need --no-rht "
-                                     "(TE nvfp4_4over6)", choices=nvfp4.formats.SCOPES)
+                                     "(TE nvfp4_4over6)", choices=nvfp4.SCOPES)
     nvfp4_4over6_e4m3_use_256: str = flag("all", "NVFP4: which 4over6 operands bound the global scale's E4M3 by 256, "
-                                                 "not 448 (TE nvfp4_4over6_e4m3_use_256)", choices=nvfp4.formats.SCOPES)
+                                                 "not 448 (TE nvfp4_4over6_e4m3_use_256)", choices=nvfp4.SCOPES)
     nvfp4_4over6_err_mode: str = flag("MAE", "NVFP4: the error 4over6 compares (TE nvfp4_4over6_err_mode)",
-                                      choices=nvfp4.formats.FOUR_OVER_SIX_ERR_MODES)
+                                      choices=nvfp4.FOUR_OVER_SIX_ERR_MODES)
     backward_override: Optional[str] = flag(None, "fp8/nvfp4: dgrad and wgrad unquantized, from the original "
                                                   "operands or from the forward's dequantized copies (TE "
                                                   "backward_override)", choices=["high_precision", "dequantized"])
@@ -233,44 +218,9 @@ class Config:
         return cls(**{section: SECTIONS[section](**tuples(saved[section])) for section in SECTIONS})
 
 
-@dataclass(frozen=True)
-class Command:
-    """What to do with the Config: train (the default), resume, evaluate, compare or benchmark."""
-    resume: Optional[str] = flag(None, "continue from a checkpoint file or a run folder", metavar="PATH")
-    eval: Optional[str] = flag(None, "evaluate a checkpoint (held-out loss, PSNR, linear probe, kNN) and exit",
-                               metavar="CKPT")
-    compare: Optional[str] = flag(None, "train the same config in each variant: a precision, then :switch or "
-                                        ":switch=value of the precision flags without -- (e.g. "
-                                        "bf16,nvfp4,nvfp4:no-rht,nvfp4:high-precision-from=0.9), and write a "
-                                        "report", metavar="VARIANTS")
-    seeds: Optional[str] = flag(None, "with --compare: train every variant with each of these seeds (e.g. 0,1,2; "
-                                      "default: --seed) and report mean, std and paired 95%% CIs", metavar="SEEDS")
-    finetune_epochs: Optional[int] = flag(None, "with --eval or --compare: fine-tune the encoder and a linear head on "
-                                                "the labelled training split for N epochs and report held-out top-1 "
-                                                "(default: 0 with --eval, 5 with --compare)", metavar="N")
-    finetune_precision: str = flag("bf16", "bf16: fine-tune with the linear layers unquantized (in the AMP dtype); "
-                                           "pretrain: in the pretraining precision", choices=["bf16", "pretrain"])
-    benchmark: Optional[int] = flag(None, "time N steps after warm-up and exit", metavar="N")
-    benchmark_synthetic: bool = flag(False, "with --benchmark: a fixed batch on the device, model and optimizer only")
-    profile: bool = flag(False, "with --benchmark: profile 20 more steps (torch.profiler), print CUDA time per step "
-                                "by kernel group (GEMM, quantize, attention, ...) and the top kernels, and write a "
-                                "Chrome trace to the out dir")
-    variants: tuple = ()  # --compare: one Variant (label, validated Config) each
-    sweep_seeds: tuple = ()  # --compare: the seeds of --seeds (or --seed)
-    explicit: frozenset = frozenset()  # the dests given on the command line (a resumed run applies these)
-
-    @property
-    def mode(self) -> str:
-        return next(iter(self.modes()), "train")
-
-    def modes(self) -> list:
-        """The modes given (they exclude each other), in the order `mode` takes them."""
-        return [m for m in ("eval", "benchmark", "compare", "resume") if getattr(self, m) is not None]
-
-
 COMPARE_FINETUNE_EPOCHS = 5  # --compare's default fine-tuning evaluation (where the data has labels)
 # A resumed run must rebuild the same model on the same data.
-RESUME_CONFLICTS = ("preset", "img_size", "patch_size", "name", "dataset", "norm_pix_loss")
+RESUME_CONFLICTS = ("preset", "img_size", "patch_size", "precision", "dataset", "norm_pix_loss")
 # PrecisionConfig's switches of one format: of NVFP4's recipe, of any quantized precision.
 NVFP4_ONLY = ("disable_rht", "disable_stochastic_rounding", "disable_2d_quantization", "row_scaled_activation",
               "nvfp4_4over6", "nvfp4_4over6_e4m3_use_256", "nvfp4_4over6_err_mode", "fp4_stats")
@@ -296,25 +246,6 @@ def switches_set(values, names) -> list:
     return [flag_of(name) for name in names if get(name) != PRECISION_DEFAULTS[name]]
 
 
-class UsageError(Exception):
-    """A bad input: main() prints it on one line and exits with code 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # show defaults, but not None/False ones (0 is shown)
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
-
-
-def name_patterns(text: str) -> tuple:
-    """'a, b.*' -> ('a', 'b.*'); '' -> ()."""
-    return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
 def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     """The CLI: one group per Config section (and the Command), one flag per field with a help.
     with_defaults=False leaves the flags not given out of the namespace (to see what was)."""
@@ -327,39 +258,6 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
             if "help" in f.metadata:
                 add_flag(group, f, with_defaults)
     return p
-
-
-def number(text: str) -> float:
-    """argparse type of the float flags: a finite number in ASCII digits (inf, nan and, say,
-    full-width digits, which float() would take, are refused)."""
-    value = float(text) if text.isascii() else math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"takes a finite number, got {text!r}")
-    return value
-
-
-def whole_number(text: str) -> int:
-    """argparse type of the integer flags: ASCII digits (int() would read '１' as 1)."""
-    if not re.fullmatch(r"[+-]?[0-9]+", text.strip()):
-        raise argparse.ArgumentTypeError(f"takes an integer, got {text!r}")
-    return int(text)
-
-
-def add_flag(group, f: dataclasses.Field, with_defaults: bool):
-    kwargs = dict(f.metadata)
-    name, off = kwargs.pop("flag", "--" + f.name.replace("_", "-")), kwargs.pop("off", None)
-    kind = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))
-    if with_defaults:
-        kwargs["default"] = ",".join(f.default) if kind is tuple else f.default  # a string default is parsed
-    if off is not None:  # --x / --no-x, either or neither
-        pair = group.add_mutually_exclusive_group()
-        pair.add_argument(name, dest=f.name, action="store_const", const=True, **kwargs)
-        pair.add_argument("--no-" + name[2:], dest=f.name, action="store_const", const=False, help=off)
-    elif kind is bool:
-        group.add_argument(name, dest=f.name, action="store_true", **kwargs)
-    else:
-        types = {tuple: name_patterns, float: number, int: whole_number}
-        group.add_argument(name, dest=f.name, type=types.get(kind, kind), **kwargs)
 
 
 def parse_config(argv=None) -> tuple:
@@ -390,10 +288,10 @@ def parse_config(argv=None) -> tuple:
         command = dataclasses.replace(command, finetune_epochs=COMPARE_FINETUNE_EPOCHS if command.mode == "compare" else 0)
     device = resolve_device(ns["device"])
     if command.mode in ("resume", "eval"):
-        return command, resolve_config(ns, ns["name"], device, explicit)
+        return command, resolve_config(ns, ns["precision"], device, explicit)
     if command.mode != "compare":
-        return command, validate(resolve_config(ns, ns["name"], device, explicit))
-    labels = split_variants(command.compare)
+        return command, validate(resolve_config(ns, ns["precision"], device, explicit))
+    labels = compare.split_variants(command.compare)
     if not labels or len(set(labels)) < len(labels):
         raise UsageError(f"--compare takes a comma-separated list of distinct variants (a precision from "
                          f"{', '.join(nvfp4.PRECISIONS)}, then :switch or :switch=value, e.g. nvfp4:no-rht), "
@@ -401,46 +299,13 @@ def parse_config(argv=None) -> tuple:
     precisions = [label.split(":")[0] for label in labels]
     if "nvfp4" not in precisions and switches_set(ns, NVFP4_ONLY):
         raise UsageError(f"{listed(switches_set(ns, NVFP4_ONLY))} to nvfp4, which --compare does not list")
-    seeds = parse_seeds(command.seeds, ns["seed"])
-    variants = tuple(Variant(label, parse_variant(label, ns, device, explicit)) for label in labels)
+    seeds = compare.parse_seeds(command.seeds, ns["seed"])
+    variants = tuple(compare.Variant(label, parse_variant(label, ns, device, explicit)) for label in labels)
     for i, (label, config) in enumerate(variants):
         same = next((other for other, c in variants[:i] if c == config), None)
         if same is not None:
             raise UsageError(f"--compare variants {same!r} and {label!r} are the same configuration; drop one")
     return dataclasses.replace(command, variants=variants, sweep_seeds=seeds), variants[0].config
-
-
-def split_variants(text: str) -> list:
-    """'bf16,nvfp4:keep-high-precision=patch_embed,blocks.5.*' -> ['bf16', 'nvfp4:keep-high-precision=
-    patch_embed,blocks.5.*']: after a variant's last switch keep-high-precision=..., the pieces
-    that are no precision (and have no switches) are more of its comma-separated patterns."""
-    variants = []
-    for piece in text.split(","):
-        pattern_list = variants and variants[-1].rpartition(":")[2].startswith("keep-high-precision=")
-        if pattern_list and ":" not in piece and piece not in nvfp4.PRECISIONS:
-            variants[-1] += "," + piece
-        elif piece:
-            variants.append(piece)
-    return variants
-
-
-class Variant(NamedTuple):
-    """One --compare variant: its text (the report's name for it) and its validated Config."""
-    label: str
-    config: Config
-
-
-def parse_seeds(text: Optional[str], seed: int) -> tuple:
-    """--seeds 0,1,2 -> (0, 1, 2); without it, (--seed,)."""
-    if text is None:
-        return (seed,)
-    try:
-        seeds = tuple(whole_number(s) for s in text.split(","))
-    except argparse.ArgumentTypeError:
-        raise UsageError(f"--seeds takes comma-separated integers, got {text!r}") from None
-    if len(set(seeds)) < len(seeds) or not all(0 <= s < 2 ** 32 for s in seeds):
-        raise UsageError(f"--seeds must be distinct integers in [0, 2^32), got {text!r}")
-    return seeds
 
 
 def parse_variant(label: str, ns: dict, device: torch.device, explicit=frozenset()) -> Config:
@@ -449,7 +314,7 @@ def parse_variant(label: str, ns: dict, device: torch.device, explicit=frozenset
     precision, *switches = label.split(":")
     if precision not in nvfp4.PRECISIONS:
         raise UsageError(f"--compare variant {label!r}: {precision!r} is not a precision ({', '.join(nvfp4.PRECISIONS)})")
-    allowed = {flag_of(f.name) for f in fields(PrecisionConfig) if f.name != "name"} | {"--no-amp"}
+    allowed = {flag_of(f.name) for f in fields(PrecisionConfig) if f.name != "precision"} | {"--no-amp"}
     argv = []
     for switch in switches:
         key, has_value, value = switch.partition("=")
@@ -474,27 +339,27 @@ def parse_variant(label: str, ns: dict, device: torch.device, explicit=frozenset
         raise UsageError(f"--compare variant {label!r}: {problem}") from None
 
 
-def variant_flags(ns: dict, name: str) -> dict:
+def variant_flags(ns: dict, precision: str) -> dict:
     """The flags of one --compare precision: bf16 always runs under AMP and fp32 without (as
     their own defaults), the NVFP4 switches apply to nvfp4 alone, the quantized ones to fp8 and
     nvfp4."""
-    reset = (() if name == "nvfp4" else NVFP4_ONLY) + (QUANTIZED_ONLY if name in ("bf16", "fp32") else ())
-    ns = dict(ns, amp=None) if name in ("bf16", "fp32") else ns
+    reset = (() if precision == "nvfp4" else NVFP4_ONLY) + (QUANTIZED_ONLY if precision in ("bf16", "fp32") else ())
+    ns = dict(ns, amp=None) if precision in ("bf16", "fp32") else ns
     return dict(ns, **{key: PRECISION_DEFAULTS[key] for key in reset})
 
 
-def resolve_config(ns: dict, name: Optional[str], device: torch.device, explicit=frozenset()) -> Config:
+def resolve_config(ns: dict, precision: Optional[str], device: torch.device, explicit=frozenset()) -> Config:
     """One run's Config from the parsed flags, with the per-device defaults filled: AMP and
     compile on GPUs, bf16 with AMP (else fp32), batch 256 on GPUs (32 on CPUs), and the recipe
     switches that TE 2.20 takes from NVTE_* environment variables, where no flag (`explicit`:
     the dests given) set them."""
     on_gpu = device.type == "cuda"
     amp = ns["amp"]
-    name = name or ("bf16" if (on_gpu if amp is None else amp) else "fp32")
-    amp = {"bf16": True, "fp32": False}.get(name, on_gpu) if amp is None else amp
+    precision = precision or ("bf16" if (on_gpu if amp is None else amp) else "fp32")
+    amp = {"bf16": True, "fp32": False}.get(precision, on_gpu) if amp is None else amp
     batch = ns["batch_size"] if ns["batch_size"] is not None else (256 if on_gpu else 32)
     try:
-        environment = {key: found for key, found in nvfp4.recipe_environment(name).items() if key not in explicit}
+        environment = {key: found for key, found in nvfp4.recipe_environment(precision).items() if key not in explicit}
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -503,7 +368,7 @@ def resolve_config(ns: dict, name: Optional[str], device: torch.device, explicit
 
     return Config(
         data=section(DataConfig), model=section(MAEConfig, **MODEL_PRESETS[ns["preset"]]),
-        precision=section(PrecisionConfig, name=name, amp=amp, **{key: value for key, (value, _) in environment.items()},
+        precision=section(PrecisionConfig, precision=precision, amp=amp, **{key: value for key, (value, _) in environment.items()},
                           from_environment=tuple(source for _, source in environment.values())),
         optim=section(OptimConfig, batch_size=batch),
         run=section(RunConfig, device=str(device), compile=on_gpu if ns["compile"] is None else ns["compile"]))
@@ -530,11 +395,11 @@ def validate(config: Config) -> Config:
         (r.out_dir.strip() != "", "--out-dir is empty; name a folder (the default is runs)"),
         (r.log_every > 0 and r.save_every > 0 and r.keep_last > 0 and r.max_bad_steps > 0,
          "--log-every, --save-every, --keep-last and --max-bad-steps must be positive"),
-        (p.name != "bf16" or p.amp, "--precision bf16 runs under AMP; drop --no-amp or use --precision fp32"),
-        (p.name != "fp32" or not p.amp, "--precision fp32 runs without AMP; drop --amp or use --precision bf16"),
-        (not switches_set(p, NVFP4_ONLY) or p.name == "nvfp4",
+        (p.precision != "bf16" or p.amp, "--precision bf16 runs under AMP; drop --no-amp or use --precision fp32"),
+        (p.precision != "fp32" or not p.amp, "--precision fp32 runs without AMP; drop --amp or use --precision bf16"),
+        (not switches_set(p, NVFP4_ONLY) or p.precision == "nvfp4",
          f"{listed(switches_set(p, NVFP4_ONLY))} to --precision nvfp4 only"),
-        (not switches_set(p, QUANTIZED_ONLY) or p.name in ("fp8", "nvfp4"),
+        (not switches_set(p, QUANTIZED_ONLY) or p.precision in ("fp8", "nvfp4"),
          f"{listed(switches_set(p, QUANTIZED_ONLY))} to --precision fp8 and nvfp4 only"),
         (p.high_precision_from is None or 0 < p.high_precision_from < 1,
          f"--high-precision-from must be in (0, 1), got {p.high_precision_from}"),
@@ -566,65 +431,6 @@ def validate(config: Config) -> Config:
     return config
 
 
-def check_run_name(name: str, out_dir: str):
-    """A run folder lies strictly inside --out-dir: plain folder names (a, or a/b), each one the
-    filesystem takes."""
-    parts = name.split("/")
-    if name.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\0" in name:
-        raise UsageError(f"--run-name {name!r} must be plain folder names (a or a/b) inside --out-dir, "
-                         f"without '/' at the start, '.' or '..'")
-    longest = max(parts, key=lambda part: len(os.fsencode(part)))
-    if len(os.fsencode(longest)) > 255:
-        raise UsageError(f"--run-name: a folder name takes at most 255 bytes, {longest[:20]}... has "
-                         f"{len(os.fsencode(longest))}")
-    length = len(os.fsencode(os.path.abspath(os.path.join(out_dir, name))))
-    if length > 4096 - 64:  # PATH_MAX, less room for the run's own file names
-        raise UsageError(f"--out-dir and --run-name make a path of {length} bytes; with the run's file names "
-                         f"it must stay under 4,096")
-
-
-def wandb_can_log() -> bool:
-    """W&B logs offline (WANDB_MODE), or has an API key: in the environment or from `wandb login`
-    (its entry in ~/.netrc)."""
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def device_memory(device: str) -> int:
-    """Bytes of memory of the GPU, or of the host."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_properties(torch.device(device)).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
-    if device.type == "cpu" and device.index not in (None, 0):
-        raise UsageError(f"--device {name}: the CPU is one device; use --device cpu")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
-                             f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu")
-        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
-        if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-        device = torch.device("cuda", index)
-    return device
-
-
 def resume_config(saved: Config, cli: Config, explicit) -> tuple:
     """A checkpoint's Config with the flags given on this command line applied (the device
     always: a run may move), and the list of changes. Changes to the model, the data or the
@@ -648,263 +454,8 @@ def resume_config(saved: Config, cli: Config, explicit) -> tuple:
 
 
 # ============================================================================= data
-
-CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def dataset_stats(name):
-    """(mean, std) per channel, to normalize images of this dataset."""
-    return CIFAR_STATS.get(name, IMAGENET_STATS)
-
-
-class Split(NamedTuple):
-    images: torch.Tensor            # uint8 [N, 3, H, W]
-    labels: Optional[torch.Tensor]  # int64 [N], or None
-
-
-def open_cifar(name, root, train):
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    try:
-        return cls(root=root, train=train, download=True)
-    except Exception as error:  # URLError, OSError, RuntimeError (integrity) ...
-        raise UsageError(f"{name} is not in {root} and could not be downloaded ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}). Offline: put {cls.filename} "
-                         f"from {cls.url} into {root}/ and rerun") from None
-
-
-def fake_images(train: bool, seed: int = 0):
-    """Random-noise 32x32 images with random labels, generated in one go (not real data)."""
-    g = torch.Generator().manual_seed(seed + (0 if train else 1))
-    n = 50_000 if train else 10_000
-    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g)
-
-
-IMAGE_FILES = (*IMG_EXTENSIONS, ".gif")  # torchvision's, and GIFs (their first frame)
-
-
-def rgb8(img: Image.Image) -> Optional[Image.Image]:
-    """An 8-bit RGB image of img, its range kept: 16-bit and 32-bit integer images (modes I;16*,
-    I; PIL's convert clips them at 255) are scaled by 255 / 65535 where a value exceeds 255;
-    float images (mode F; convert truncates them to 0) by 255 if within [0, 1], as they are if
-    within [0, 255]; None for any other float range (skipped and counted)."""
-    if not img.mode.startswith(("I", "F")):
-        return img.convert("RGB")
-    a = np.asarray(img, dtype=np.float64)
-    if img.mode.startswith("I"):
-        a = a * (255 / 65535) if a.max(initial=0) > 255 else a
-    elif a.min(initial=0) >= 0 and a.max(initial=0) <= 1:
-        a = a * 255
-    elif not (a.min(initial=0) >= 0 and a.max(initial=0) <= 255):
-        return None
-    return Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8)).convert("RGB")
-
-
-def folder_images(root: str, train: bool, size: int):
-    """Every readable image under root (recursive), resized (shorter side) and center-cropped
-    to size, in 8 bits with its range kept (rgb8). Every 10th file is held out (with fewer than 10,
-    none: held-out metrics then use the training images, which the first call says). Labels come
-    from first-level subfolders when there are at least two of them; unreadable files are skipped
-    and counted, and so are files that are not images."""
-    root_path = Path(root)
-    if not root_path.is_dir():
-        raise UsageError(f"--data-root {root} is not a folder of images")
-    every = sorted(f for f in root_path.rglob("*") if f.is_file() and not f.name.startswith("."))
-    files = [f for f in every if f.suffix.lower() in IMAGE_FILES]
-    if not files:
-        raise UsageError(f"--data-root {root} holds no images ({', '.join(IMAGE_FILES)})")
-    if train:
-        others = sorted({f.suffix.lower() or f.name for f in every} - set(IMAGE_FILES))
-        held = len(files) // 10 if len(files) >= 10 else 0
-        print(f"[data] {root}: {len(files)} images, {held} held out (every 10th)"
-              + ("; fewer than 10, so held-out metrics use the training images" if not held else "")
-              + (f"; ignored {len(every) - len(files)} other files ({', '.join(others[:5])})" if others else ""))
-    files = [f for i, f in enumerate(files) if (i % 10 == 9) != train] if len(files) >= 10 else files
-    classes = sorted({f.relative_to(root_path).parts[0] for f in files if len(f.relative_to(root_path).parts) > 1})
-    resize = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
-    images, labels, skipped = [], [], 0
-    for f in files:
-        try:
-            with Image.open(f) as img:
-                rgb = rgb8(img)
-                if rgb is None:
-                    skipped += 1
-                    continue
-                images.append(torch.from_numpy(np.array(resize(rgb))).permute(2, 0, 1))
-            labels.append(classes.index(f.relative_to(root_path).parts[0]) if len(classes) >= 2 else 0)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):  # too many pixels
-            skipped += 1
-    if not images:
-        raise UsageError(f"--data-root {root}: none of the {len(files)} image files could be read")
-    if skipped:
-        print(f"[data] skipped {skipped} unreadable file(s) under {root} (corrupt, too large, or float values "
-              f"outside [0, 255])")
-    return torch.stack(images), (torch.tensor(labels) if len(classes) >= 2 else None)
-
-
-def load_images(config: Config, train: bool) -> Split:
-    """The training (or held-out) split of --dataset."""
-    d = config.data
-    if d.dataset in CIFAR_STATS:
-        ds = open_cifar(d.dataset, d.data_root, train)
-        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
-    if d.dataset == "fake":
-        images, labels = fake_images(train, config.run.seed)
-    else:
-        images, labels = folder_images(d.data_root, train, config.model.img_size)
-    return Split(images, labels)
-
-
-def plain_images(images: torch.Tensor, dataset: str, size: int) -> torch.Tensor:
-    """uint8 images resized to size x size and normalized, no augmentation (evaluation)."""
-    mean, std = dataset_stats(dataset)
-    x = images.float() / 255
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-
-
-def seed_for(*keys: int) -> int:
-    """A well-mixed seed from (seed, epoch, batch, ...): every batch reproducible on its own."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A small host tensor to `device` without a stream sync (staged in pinned memory)."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
-def masking_noise(seed, epoch, batch_index, global_batch, num_patches, part: slice, device):
-    """MAE's per-sample masking noise for one global batch (drawn on the host, so every device
-    draws the same); this rank's rows."""
-    g = torch.Generator().manual_seed(seed_for(seed, epoch, batch_index, 1))
-    return to_device(torch.rand(global_batch, num_patches, generator=g)[part], device)
-
-
-class TensorLoader:
-    """The whole uint8 dataset as one tensor on the training device (pinned host memory when it
-    would take over a quarter of the GPU). Per batch: indices from a per-epoch permutation,
-    per-sample augmentation parameters and masking noise drawn for the global batch from a
-    (seed, epoch, batch) generator on the host, so CPU and GPU runs draw the same batches, of
-    which this rank takes its slice; per step only these parameters are copied from the host.
-    On the GPU one Triton kernel crops, flips, resizes, jitters and normalizes the batch
-    (augment_kernel.py; with --randaugment, RandAugment and normalization follow it, compiled);
-    on the CPU augment.py's ops run. The batch's kernels run on the training stream, between
-    steps: on a side stream they would compete with the step for the GPU and gain nothing."""
-
-    def __init__(self, images, config: Config, rank=0, world=1):
-        self.device = torch.device(config.run.device)
-        on_gpu = self.device.type == "cuda"
-        fits = on_gpu and images.numel() < 0.25 * torch.cuda.get_device_properties(self.device).total_memory
-        self.images = images.to(self.device) if fits else (images.pin_memory() if on_gpu else images)
-        self.batch = config.optim.batch_size
-        self.local, self.rank, self.seed = self.batch // world, rank, config.run.seed
-        self.size, self.num_patches = config.model.img_size, config.model.num_patches
-        self.randaugment = config.data.randaugment
-        self.kernel = on_gpu and augment_kernel is not None
-        # augment.py's ops (after the GPU kernel: RandAugment); compiled, their ~400 small kernels
-        # fuse into a few (host-bound otherwise)
-        torch_ops = self._rand_augment if self.kernel else self._augment
-        self.augment_fn = torch.compile(torch_ops, dynamic=False) if config.run.compile else torch_ops
-        mean, std = dataset_stats(config.data.dataset)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-
-    def __len__(self):
-        return len(self.images) // self.batch
-
-    def _make(self, perm, epoch, b):
-        g = torch.Generator().manual_seed(seed_for(self.seed, epoch, b))
-        lo = b * self.batch + self.rank * self.local
-        idx = perm[lo:lo + self.local]
-        if self.images.device != self.device:
-            imgs = to_device(self.images.index_select(0, idx.cpu()), self.device)
-        else:
-            imgs = self.images.index_select(0, idx)
-        part = slice(self.rank * self.local, (self.rank + 1) * self.local)
-        params = augment.sample_params(self.batch, *self.images.shape[-2:], g, self.randaugment)
-        params = {k: to_device(v[part], self.device) for k, v in params.items()}
-        noise = masking_noise(self.seed, epoch, b, self.batch, self.num_patches, part, self.device)
-        if not self.kernel:
-            return self.augment_fn(imgs, params), noise
-        if not self.randaugment:
-            return augment_kernel.crop_flip_jitter(imgs, params, self.size, self.mean, self.std), noise
-        return self.augment_fn(augment_kernel.crop_flip_jitter(imgs, params, self.size), params), noise
-
-    def _augment(self, imgs, params):
-        return (augment.apply(imgs, params, self.size) - self.mean) / self.std
-
-    def _rand_augment(self, x, params):
-        return (augment.rand_augment(x, params) - self.mean) / self.std
-
-    def epoch(self, epoch: int, start: int = 0):
-        """Yield (normalized images, masking noise) for batches start.. of this epoch."""
-        perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(seed_for(self.seed, epoch)))
-        perm = to_device(perm, self.images.device)  # a plain copy would wait for the GPU to drain
-        for b in range(start, len(self)):
-            yield self._make(perm, epoch, b)
-
-
-class TensorImages(torch.utils.data.Dataset):
-    """uint8 images [N, 3, H, W] (+ labels) as a torchvision-style dataset of PIL images."""
-
-    def __init__(self, images: torch.Tensor, labels, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        img = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
-        label = -1 if self.labels is None else int(self.labels[i])
-        return (self.transform(img) if self.transform else img), label
-
-
-class TorchvisionLoader:
-    """The seed script's pipeline: PIL transforms in DataLoader workers, same shard and noise rules."""
-
-    def __init__(self, train: Split, config: Config, rank=0, world=1):
-        mean, std = dataset_stats(config.data.dataset)
-        size = config.model.img_size
-        tfm = [transforms.RandomResizedCrop(size, scale=augment.CROP_SCALE), transforms.RandomHorizontalFlip(),
-               transforms.ColorJitter(*augment.JITTER)]
-        tfm += [transforms.RandAugment()] if config.data.randaugment else []
-        tfm = transforms.Compose(tfm + [transforms.ToTensor(), transforms.Normalize(mean, std)])
-        self.dataset, self.rank, self.world = TensorImages(*train, tfm), rank, world
-        self.seed, self.num_workers = config.run.seed, config.data.num_workers
-        self.batch = config.optim.batch_size
-        self.local, self.num_patches = self.batch // world, config.model.num_patches
-        self.device = torch.device(config.run.device)
-        self.wait_s = 0.0  # host time blocked on the workers (the GPU has nothing queued then)
-
-    def __len__(self):
-        return len(self.dataset) // self.batch
-
-    def epoch(self, epoch: int, start: int = 0):
-        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed_for(self.seed, epoch)))
-        order = perm[:len(self) * self.batch].view(len(self), self.world, self.local)[:, self.rank].flatten().tolist()
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.local, sampler=order, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", drop_last=True,
-            generator=torch.Generator().manual_seed(seed_for(self.seed, epoch, 1 << 20, self.rank)))
-        part = slice(self.rank * self.local, (self.rank + 1) * self.local)
-        batches = iter(loader)
-        for b in range(len(self)):
-            t0 = time.perf_counter()
-            imgs, _ = next(batches)
-            self.wait_s += time.perf_counter() - t0
-            if b < start:
-                continue
-            noise = masking_noise(self.seed, epoch, b, self.batch, self.num_patches, part, self.device)
-            yield imgs.to(self.device, non_blocking=True), noise
-
-
-def make_loader(config: Config, train: Split, rank=0, world=1):
-    """The --loader of training and the benchmark."""
-    if config.data.loader == "tensor":
-        return TensorLoader(train.images, config, rank, world)
-    return TorchvisionLoader(train, config, rank, world)
+# workbench/data.py: load_images (CIFAR through torchvision, an image folder, fake noise) and
+# make_loader (the tensor loader: augmentation on the training device; or torchvision's).
 
 
 # ============================================================================= model
@@ -1025,8 +576,14 @@ class MAE(nn.Module):
         tokens = torch.gather(tokens, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # unshuffle
         return torch.cat([x[:, :1], tokens], 1) + self.decoder_pos_embed
 
+    def patchify(self, imgs):
+        return patchify(imgs, self.cfg.patch_size)
+
+    def unpatchify(self, patches):
+        return unpatchify(patches, self.cfg.patch_size)
+
     def target(self, imgs):
-        target = patchify(imgs, self.cfg.patch_size)
+        target = self.patchify(imgs)
         if self.cfg.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
@@ -1047,7 +604,7 @@ class MAE(nn.Module):
         """Per-sample random masking from `noise` [B, L] (keep the smallest): loss, pred, mask."""
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        latent = self.forward_encoder(patchify(imgs, self.cfg.patch_size), ids_shuffle[:, :self.cfg.num_visible])
+        latent = self.forward_encoder(self.patchify(imgs), ids_shuffle[:, :self.cfg.num_visible])
         x = self.embed_decoder(latent, ids_restore)
         for block in self.decoder_blocks:
             x = block(x)
@@ -1056,7 +613,7 @@ class MAE(nn.Module):
     def features(self, imgs):
         """Encoder cls-token features of whole (unmasked) images, for the linear probe and kNN."""
         ids = torch.arange(self.cfg.num_patches, device=imgs.device).expand(len(imgs), -1)
-        return self.forward_encoder(patchify(imgs, self.cfg.patch_size), ids)[:, 0]
+        return self.forward_encoder(self.patchify(imgs), ids)[:, 0]
 
 
 def check_mask(mask: torch.Tensor, batch: int, num_patches: int, num_masked: int) -> None:
@@ -1087,12 +644,12 @@ def resolve_precision(config: Config, device: torch.device) -> nvfp4.Precision:
     """The run's nvfp4.Precision: recipe, backend (and why), autocast dtype."""
     p = config.precision
     recipe = None
-    if p.name == "nvfp4":
+    if p.precision == "nvfp4":
         recipe = nvfp4.NVFP4Recipe(**{f.name: getattr(p, f.name) for f in fields(nvfp4.NVFP4Recipe)})
-    elif p.name == "fp8":
+    elif p.precision == "fp8":
         recipe = nvfp4.FP8Recipe(backward_override=p.backward_override)
     try:
-        return nvfp4.Precision.resolve(p.name, device, p.backend, p.amp, recipe, p.keep_high_precision)
+        return nvfp4.Precision.resolve(p.precision, device, p.backend, p.amp, recipe, p.keep_high_precision)
     except nvfp4.BackendError as error:
         raise UsageError(str(error)) from None
 
@@ -1107,7 +664,7 @@ def build_model(config: Config, device: torch.device, batch_per_rank: int) -> tu
         unmatched = [p for p in precision.keep_high_precision if p not in layers.matched]
         if unmatched:
             raise UsageError(f"--keep-high-precision {unmatched[0]!r} matches no layer; the layers are "
-                             f"{nvfp4.precision.compact_names(layers.names)}")
+                             f"{nvfp4.compact_names(layers.names)}")
         check_gemm_shapes(model, precision.recipe, batch_per_rank)
     return model, precision
 
@@ -1144,12 +701,8 @@ def make_optimizer(model, optim: OptimConfig, capturable: bool = False):
 
 
 def lr_at(step: int, steps_per_epoch: int, optim: OptimConfig) -> float:
-    """Per-iteration linear warmup, then half-cycle cosine to 0 (MAE's schedule)."""
-    epoch = step / steps_per_epoch
-    if epoch < optim.warmup_epochs:
-        return optim.peak_lr * epoch / optim.warmup_epochs
-    progress = (epoch - optim.warmup_epochs) / max(optim.epochs - optim.warmup_epochs, 1e-9)
-    return optim.peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    """The lr of optimizer step `step` (from 0): MAE's schedule, warm-up then cosine, per step."""
+    return optim.peak_lr * warmup_cosine(step / steps_per_epoch, optim.warmup_epochs, optim.epochs)
 
 
 def compile_model(model: MAE, model_graphs: bool):
@@ -1166,6 +719,9 @@ def compile_model(model: MAE, model_graphs: bool):
         block.compile(**options)
     for name in ("embed_visible", "embed_decoder", "predict_and_loss"):
         setattr(model, name, torch.compile(getattr(model, name), **options))
+
+
+COMPILE_STEPS = 3  # a compiled step's steps until it runs at speed: two warm-up calls, then the capture
 
 
 def start_compile_workers():
@@ -1231,6 +787,39 @@ class LossGuard:
             setattr(self, key, state[key].to(self.skipped.device))
 
 
+class CUDAGraphed:
+    """fn (of fixed-shape device tensors) as one CUDA graph, by PyTorch's recipe: two warm-up calls
+    on a side stream (they compile and autotune), the capture on the third, replays after it. The
+    inputs are copied into the graph's own; the outputs are the graph's tensors, overwritten by
+    the next call. Whatever else fn reads must stay on the device at fixed addresses."""
+
+    def __init__(self, fn, device, warmup_calls: int = 2):
+        self.fn, self.device, self.warmup_calls = fn, device, warmup_calls
+        self.graph, self.inputs, self.outputs = None, None, None
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, *inputs):
+        if self.graph is None and self.warmup_calls > 0:
+            self.warmup_calls -= 1
+            side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                out = self.fn(*inputs)
+            main.wait_stream(side)
+            return out
+        if self.graph is None:
+            self.inputs, self.graph = tuple(x.clone() for x in inputs), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.fn(*self.inputs)
+        for static, x in zip(self.inputs, inputs):
+            static.copy_(x)
+        self.graph.replay()
+        return self.outputs
+
+
 class TrainStep:
     """One optimizer step of the MAE, called with a batch: model, optimizer, scaler, loss guard.
 
@@ -1254,32 +843,14 @@ class TrainStep:
         self.net = self.model if world == 1 else nn.parallel.DistributedDataParallel(
             self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.step_number = torch.zeros((), dtype=torch.int64, device=device)
-        self.graph, self.warm_steps, self.static_inputs, self.static_outputs = None, 0, None, None
+        self.graph = CUDAGraphed(self._step, device) if self.graphed else None
 
     def __call__(self, imgs, noise, lr: float, step: int):
         """Optimizer step number `step` (from 1); returns loss, grad norm, skipped (0/1), mask
         (with CUDA graphs: the graph's output tensors, overwritten by the next step)."""
         self._set_lr(lr)
         self.step_number.fill_(step)
-        if not self.graphed:
-            return self._step(imgs, noise)
-        if self.graph is None and self.warm_steps < 2:  # compile, then capture (CUDA's recipe)
-            self.warm_steps += 1
-            side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                out = self._step(imgs, noise)
-            main.wait_stream(side)
-            return out
-        if self.graph is None:
-            self.static_inputs = (imgs.clone(), noise.clone())
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_outputs = self._step(*self.static_inputs)
-        self.static_inputs[0].copy_(imgs)
-        self.static_inputs[1].copy_(noise)
-        self.graph.replay()
-        return self.static_outputs
+        return self.graph(imgs, noise) if self.graphed else self._step(imgs, noise)
 
     @property
     def unquantized(self) -> bool:
@@ -1291,9 +862,8 @@ class TrainStep:
         (in the AMP dtype) from the next step on; parameters, optimizer state and data order stay.
         A compiled model recompiles once (the layers' recipe is an attribute its guards read), and
         a captured step is captured again."""
-        nvfp4.linear.drop_quantization(self.model)
-        self.precision = self.precision.unquantized()
-        self.graph, self.warm_steps, self.static_inputs, self.static_outputs = None, 0, None, None
+        self.precision = self.precision.unquantize(self.model)
+        self.graph = CUDAGraphed(self._step, self.device) if self.graphed else None
 
     def _set_lr(self, lr: float):
         for group in self.optimizer.param_groups:
@@ -1358,75 +928,68 @@ class Progress:
                 "sums": {k: v.item() for k, v in self.sums.items()}}
 
 
-class StopRequest:
-    """SIGINT/SIGTERM: finish the current step (or part), checkpoint, exit. A second Ctrl-C exits at once."""
-
-    def __init__(self, what: str = "finishing this step, then checkpoint and exit"):
-        self.signal, self.what = None, what
-        self.previous = {}
-
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, sig, frame):
-        if self.signal is not None and sig == signal.SIGINT:
-            os._exit(130)
-        self.signal = sig
-        tqdm.write(f"[stop] {signal.Signals(sig).name}: {self.what} (Ctrl-C again to quit now)")
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class Interrupted(Exception):
-    def __init__(self, sig, checkpoint, what="checkpoint"):
-        super().__init__(f"stopped by {signal.Signals(sig).name}; {what} {checkpoint}")
-        self.sig, self.checkpoint = sig, checkpoint
-
-
 class TrainingLoop:
     """One training run: data, train step, run folder, log and progress; `train` runs the epochs.
     run_dir and ckpt: the folder and checkpoint of a resumed run."""
 
     def __init__(self, config: Config, rank=0, world=1, run_dir=None, ckpt=None, resume_changes=()):
-        if rank == 0 and ckpt is not None:
-            claim_folder(run_dir)  # one process at a time goes on with a run
-        if rank == 0 and ckpt is None:  # claimed before the data loads, written once the run can start
-            run_dir = plan_run_dir(config)
-            config = config.replace(run_name=str(run_dir.relative_to(config.run.out_dir)))  # the name used
-        self.config, self.rank, self.world, self.run_dir = config, rank, world, run_dir
-        self.device = torch.device(config.run.device)
-        seed = config.run.seed
-        seed_everything(seed_for(seed, rank))
-        self.train_split, self.heldout_split = load_images(config, train=True), load_images(config, train=False)
-        if len(self.train_split.images) < config.optim.batch_size:
-            raise UsageError(f"--batch-size {config.optim.batch_size} is larger than the "
-                             f"{len(self.train_split.images)} training images")
-        self.loader = make_loader(config, self.train_split, rank, world)
-        torch.manual_seed(seed)  # the same initial weights on every rank and backend
-        self.train_step = TrainStep(config, self.device, world)
-        seed_everything(seed_for(seed, rank))  # per-rank streams again (stochastic rounding)
+        self.rank, self.world, self.device = rank, world, torch.device(config.run.device)
+        self.config, self.run_dir = self._claim_folder(config, run_dir, resumed=ckpt is not None)
+        self._load_data()
+        self._build_step()
         self.progress = Progress(self.device, ckpt["progress"] if ckpt else None)
         if ckpt is not None:
             self._restore(ckpt)
         self.complete = self.progress.epoch >= config.optim.epochs  # a finished run, resumed
-        if rank == 0 and ckpt is None:
-            make_run_dir(run_dir, config.run.overwrite)
-            (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-        elif rank == 0 and not self.complete:
-            truncate_metrics(run_dir / "metrics.jsonl", self.progress.step)
-        self.log = RunLog(run_dir, config, rank == 0)
+        self._open_run_folder(resumed=ckpt is not None)
+        self._announce(resume_changes, ckpt is not None)
+        self._plan_precision_schedule()
+
+    def _claim_folder(self, config, run_dir, resumed) -> tuple:
+        """(config, run folder), the folder claimed by rank 0 before the data loads: a resumed
+        run's own, or a new one whose name goes into the config."""
+        if self.rank == 0 and resumed:
+            claim_folder(run_dir)  # one process at a time goes on with a run
+        elif self.rank == 0:
+            run_dir = plan_run_dir(config)
+            config = config.replace(run_name=str(run_dir.relative_to(config.run.out_dir)))  # the name used
+        return config, run_dir
+
+    def _load_data(self):
+        c = self.config
+        seed_everything(seed_for(c.run.seed, self.rank))
+        self.train_split, self.heldout_split = load_images(c, train=True), load_images(c, train=False)
+        if len(self.train_split.images) < c.optim.batch_size:
+            raise UsageError(f"--batch-size {c.optim.batch_size} is larger than the "
+                             f"{len(self.train_split.images)} training images")
+        self.loader = make_loader(c, self.train_split, self.rank, self.world)
+
+    def _build_step(self):
+        torch.manual_seed(self.config.run.seed)  # the same initial weights on every rank and backend
+        self.train_step = TrainStep(self.config, self.device, self.world)
+        seed_everything(seed_for(self.config.run.seed, self.rank))  # per-rank streams again (stochastic rounding)
+
+    def _open_run_folder(self, resumed):
+        """Rank 0: a new run's folder emptied (--overwrite) and its config.json written, now that
+        the run can start; a resumed run's metrics.jsonl cut back to its checkpoint's step, and
+        its summary so far read from it. Then the log opens (every rank: others write nothing)."""
+        if self.rank == 0 and not resumed:
+            make_run_dir(self.run_dir, self.config.run.overwrite)
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        elif self.rank == 0 and not self.complete:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
+        self.log = RunLog(self.run_dir, self.config, self.rank == 0)
         self.summary = {"curve": [], "epoch_curve": [], "epoch_img_per_s": [], "run_dir": str(self.run_dir),
                         "backend": self.train_step.precision.backend_name}
         self.fp4_rows = {}
-        if ckpt is not None and rank == 0:
+        if resumed and self.rank == 0:
             self._restore_summary()
-        self._announce(resume_changes, ckpt is not None)
-        f = config.precision.high_precision_from  # the last step in the run's precision
-        self.high_precision_step = None if f is None else math.floor(f * config.optim.epochs * len(self.loader))
-        self.workers_stop_step = None if f is None else self.high_precision_step + 3  # once it recompiled
+
+    def _plan_precision_schedule(self):
+        """--high-precision-from: the last step in the run's precision; a run resumed after it
+        switches now."""
+        f, o = self.config.precision.high_precision_from, self.config.optim
+        self.high_precision_step = None if f is None else math.floor(f * o.epochs * len(self.loader))
         if self.high_precision_step is not None and self.progress.step > self.high_precision_step:
             self._switch_precision(resumed=True)
 
@@ -1495,7 +1058,7 @@ class TrainingLoop:
             return self.summary
         stop = StopRequest()
         stop.install()
-        self.start_time = time.perf_counter()
+        self.start_time, self.compiles_end = time.perf_counter(), {self.progress.step + COMPILE_STEPS}
         if self.device.type == "cuda":  # the summary's peak is this run's (a sweep trains many in one process)
             torch.cuda.reset_peak_memory_stats(self.device)
         epochs, save_every = self.config.optim.epochs, self.config.run.save_every
@@ -1531,10 +1094,8 @@ class TrainingLoop:
             p.add(loss, bad)
             seen, interval_seen = seen + o.batch_size, interval_seen + o.batch_size
             bar.update(1)
-            if p.step == 3 and "warmup_s" not in self.summary:
-                self._report_warmup()
-            elif self.config.run.compile and p.step == self.workers_stop_step:
-                stop_compile_workers()  # the switch's recompile started them again (see the function)
+            if p.step in self.compiles_end:
+                self._compiled()
             if b == first:  # the bar shows loss from its first step on (one sync an epoch)
                 shown = dict(loss=f"{loss.item():.4f}")
             shown["lr"] = f"{lr_at(p.step - 1, steps, o):.2e}"  # every step's (host arithmetic, no sync)
@@ -1559,6 +1120,8 @@ class TrainingLoop:
         in metrics.jsonl as a record of the first such step (written once: a resumed run past it
         finds it there)."""
         self.train_step.to_high_precision()
+        if not resumed:  # it compiles (and captures) again
+            self.compiles_end.add(self.progress.step + COMPILE_STEPS)
         amp = self.train_step.precision.amp_dtype
         dtype = str(amp).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16") if amp else "fp32"
         first, total = self.high_precision_step + 1, self.config.optim.epochs * len(self.loader)
@@ -1568,14 +1131,18 @@ class TrainingLoop:
             self.log.metrics({"type": "precision", "step": first, "gemm": dtype})
         self.summary["high_precision_from_step"] = first
 
-    def _report_warmup(self):
+    def _compiled(self):
+        """The steps after a (re)compile have run: the compile workers stop (a recompile started
+        them again; see stop_compile_workers), and the run's first such steps are its warm-up."""
         if self.config.run.compile:
             stop_compile_workers()
+        if "warmup_s" in self.summary:
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.summary["warmup_s"] = time.perf_counter() - self.start_time
         what = "compile warm-up" if self.config.run.compile else "no compile"
-        self.log.print(f"[speed] first 3 steps ({what}) took {self.summary['warmup_s']:.1f} s")
+        self.log.print(f"[speed] first {COMPILE_STEPS} steps ({what}) took {self.summary['warmup_s']:.1f} s")
 
     def _log_step(self, epoch, lr, grad_norm, img_per_s, imgs, noise) -> dict:
         self.train_step.guard.check()
@@ -1672,54 +1239,6 @@ def summarize_fp4(rows_by_key, log):
 
 # ============================================================================= outputs
 
-class RecordingWriter:
-    """A file for torch.save that keeps the OSError of a failed write: torch reports one as
-    RuntimeError('unexpected pos'), which does not say why (e.g. a full disk)."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
-
-    def write(self, data):
-        try:
-            return self.file.write(data)
-        except OSError as error:
-            self.error = error
-            raise
-
-    def flush(self):
-        self.file.flush()
-
-
-def atomic_write_text(path: Path, text: str):
-    """path's new text, or its old one after a crash: written beside it, then renamed over it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save(obj, path: Path):
-    """torch.save to a temp file, fsync, rename: a crash never leaves a truncated file. A failed
-    write removes the temp file and raises the write's OSError."""
-    tmp = path.with_name(path.name + ".tmp")
-    writer = None
-    try:
-        with open(tmp, "wb") as f:
-            writer = RecordingWriter(f)
-            torch.save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, RuntimeError) and writer is not None and writer.error is not None:
-            raise writer.error from None
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
 
 def rng_state(device):
     np_state = np.random.get_state()
@@ -1735,17 +1254,6 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def checkpoints(run_dir: Path) -> list:
-    """A run folder's checkpoints, oldest first."""
-    return sorted(Path(run_dir).glob("checkpoint_step*.pt"))
-
-
-def latest_checkpoint(run_dir) -> Optional[Path]:
-    """A run folder's newest checkpoint, or None (also without a folder: DDP ranks > 0)."""
-    found = checkpoints(run_dir) if run_dir else []
-    return found[-1] if found else None
 
 
 def save_checkpoint(train_step: TrainStep, config: Config, run_dir: Path, progress: dict) -> Path:
@@ -1786,19 +1294,6 @@ def truncate_metrics(path: Path, step: int):
     os.replace(tmp, path)
 
 
-def find_checkpoint(path: str, flag: str) -> Path:
-    """The checkpoint file, or a run folder's newest; flag (--resume, --eval) names the error."""
-    p = Path(path)
-    if p.is_dir():
-        found = latest_checkpoint(p)
-        if found is None:
-            raise UsageError(f"{flag} {path}: no checkpoint_step*.pt in this folder")
-        return found
-    if not p.is_file():
-        raise UsageError(f"{flag} {path}: no such checkpoint file or run folder")
-    return p
-
-
 def load_checkpoint(path: Path) -> tuple:
     """(checkpoint dict, its Config). A checkpoint is untrusted input: weights_only=True
     unpickles tensors and plain data only."""
@@ -1815,6 +1310,9 @@ def load_checkpoint(path: Path) -> tuple:
     missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else {"all"}
     if missing:
         raise UsageError(f"checkpoint {path} is not from asmae_minimal.py (missing {', '.join(sorted(missing))})")
+    section = ckpt["config"].get("precision") if isinstance(ckpt["config"], dict) else None
+    if isinstance(section, dict) and "name" in section:  # saved before the field was named precision
+        section["precision"] = section.pop("name")
     problem = checkpoint_problem(ckpt)
     if problem:
         raise UsageError(f"checkpoint {path}: {problem}")
@@ -1846,6 +1344,9 @@ def checkpoint_problem(ckpt: dict) -> Optional[str]:
             if f.name in values and not any(fits.get(kind, lambda v: True)(values[f.name]) for kind in kinds):
                 expected = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
                 return f"config.{section}.{f.name} is {values[f.name]!r}; expected {expected}"
+    precision = ckpt["config"]["precision"].get("precision")
+    if precision not in (None, *nvfp4.PRECISIONS):
+        return f"config.precision.precision is {precision!r}; expected one of {', '.join(nvfp4.PRECISIONS)}"
     run = ckpt["config"]["run"]
     try:
         check_run_name(run.get("run_name") or "run", run.get("out_dir") or "runs")
@@ -1883,20 +1384,6 @@ def load_model_state(model, state: dict, source: str):
     model.load_state_dict(state, strict=False)
 
 
-def strict_json(obj, **kwargs) -> str:
-    """json.dumps with NaN and infinities written as null, as strict JSON parsers require (Python
-    writes NaN, which they reject)."""
-    def finite(x):
-        if isinstance(x, float):
-            return x if math.isfinite(x) else None
-        if isinstance(x, dict):
-            return {k: finite(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [finite(v) for v in x]
-        return x
-    return json.dumps(finite(obj), allow_nan=False, **kwargs)
-
-
 class RunLog:
     """metrics.jsonl (appended), stdout lines and optional W&B, written by rank 0 only."""
 
@@ -1928,143 +1415,6 @@ class RunLog:
             self.wandb.finish()
 
 
-# What this program writes in a run folder; a compare folder also holds run folders.
-RUN_FILES = (LOCK_FILE := ".lock", "config.json", "metrics.jsonl", "checkpoint_step*.pt", "checkpoint_step*.pt.tmp",
-             "eval_*.json", "recons", "compare", "wandb", "cell.json", "cell_eval.json", "cell*.json.tmp")
-
-
-def plan_run_dir(config: Config, kind: Optional[str] = None) -> Path:
-    """The run folder, claimed (claim_folder) before any data loads: OUT_DIR/RUN_NAME, which must
-    be empty or, with --overwrite, a run folder of this program's; or a new OUT_DIR/dataset-model-
-    KIND-timestamp (KIND: the precision, or 'compare'). Its parent must take new folders."""
-    r, out = config.run, Path(config.run.out_dir)
-    if not r.run_name:
-        kind = kind or config.precision.name
-        base = out / f"{config.data.dataset}-{config.model.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-        check_writable(base)
-        for n in itertools.count(1):  # an exclusive mkdir: two runs in one second take two names
-            run_dir = base if n == 1 else base.with_name(f"{base.name}-{n}")
-            if claim_folder(run_dir, exclusive=True):
-                return run_dir
-    run_dir = out / r.run_name
-    if run_dir.resolve() == out.resolve() or not run_dir.resolve().is_relative_to(out.resolve()):
-        raise UsageError(f"--run-name {r.run_name} leads out of --out-dir {out} (through a link)")
-    check_writable(run_dir)
-    claim_folder(run_dir)
-    if any(entry.name != LOCK_FILE for entry in run_dir.iterdir()):
-        if not r.overwrite:
-            raise UsageError(f"{run_dir} exists; pass --overwrite to replace it, another --run-name, "
-                             f"or --resume {run_dir} to continue it")
-        foreign = foreign_entry(run_dir)
-        if foreign:
-            raise UsageError(f"--overwrite deletes only run folders of asmae_minimal.py, and {run_dir} holds "
-                             f"{foreign}; move it, or choose another --run-name")
-    return run_dir
-
-
-CLAIMED = {}  # resolved run folder -> (its open lock file, the folders claim_folder made for it)
-
-
-def claim_folder(folder: Path, exclusive: bool = False) -> bool:
-    """Make `folder` (and missing parents) and hold an exclusive lock on folder/.lock until
-    release_folders, so that two runs never share a folder: a second run (or resume, or sweep)
-    exits 2 naming the first. The lock is the kernel's (flock), so a killed run leaves none
-    behind. exclusive: False, instead of claiming, if the folder already exists."""
-    key = folder.resolve()
-    if key in CLAIMED:
-        return True
-    made = [p for p in (folder, *folder.absolute().parents) if not p.exists()][::-1]
-    try:
-        folder.mkdir(parents=True, exist_ok=not exclusive)
-    except FileExistsError:
-        return False
-    while True:
-        lock = open(folder / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            lock.close()
-            raise UsageError(f"{folder} is in use by {holder}; wait for it to end, or choose another "
-                             f"--run-name") from None
-        try:  # a run that ended unlinked the file it held: a lock on that one would claim nothing
-            if os.stat(folder / LOCK_FILE).st_ino == os.fstat(lock.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        lock.close()
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} ({' '.join(sys.argv[:1] + sys.argv[1:6])}...)\n")
-    lock.flush()
-    CLAIMED[key] = (lock, made)
-    return True
-
-
-def release_folders():
-    """Release every claimed folder: the lock file goes, and a folder that holds nothing else
-    (a run that failed before it started) goes with the parents claim_folder made for it."""
-    for folder, (lock, made) in list(CLAIMED.items()):
-        (folder / LOCK_FILE).unlink(missing_ok=True)
-        lock.close()
-        for path in reversed(made):
-            try:
-                path.rmdir()  # only if empty
-            except OSError:
-                break
-        del CLAIMED[folder]
-
-
-def foreign_entry(folder: Path) -> Optional[str]:
-    """What in `folder` this program did not write ('no config.json' if it is no run folder), or None."""
-    if not (folder / "config.json").is_file():
-        return "no config.json"
-    for entry in sorted(folder.iterdir()):
-        ours = any(fnmatch.fnmatch(entry.name, pattern) for pattern in RUN_FILES)
-        if not ours and not (entry.is_dir() and not entry.is_symlink() and foreign_entry(entry) is None):
-            return entry.name
-    return None
-
-
-def check_writable(path: Path):
-    """path (a file or folder to make) can be made: its nearest existing ancestor is a folder
-    this process may write in."""
-    ancestor = next(a for a in (path, *path.absolute().parents) if a.exists())
-    if not ancestor.is_dir():
-        raise UsageError(f"{ancestor} is a file, not a folder; choose another --out-dir or --run-name")
-    try:
-        tempfile.TemporaryFile(dir=ancestor).close()
-    except OSError as error:
-        raise UsageError(f"cannot write in {ancestor} ({error.strerror}); choose another --out-dir") from None
-
-
-def make_run_dir(run_dir: Path, overwrite: bool):
-    """Empty the folder plan_run_dir claimed for --overwrite (after the data loaded: a failed
-    start deletes nothing), keeping its lock."""
-    if overwrite:
-        for entry in run_dir.iterdir():
-            if entry.name != LOCK_FILE:
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-
-
-@torch.no_grad()
-@torch.compiler.set_stance("force_eager")
-def reconstruct(model: MAE, imgs, noise, precision: nvfp4.Precision, dataset: str):
-    """(loss, originals, visible-only, reconstruction with visible patches pasted in, mask),
-    de-normalized with `dataset`'s statistics."""
-    p = model.cfg.patch_size
-    with precision.autocast():
-        loss, pred, mask = model(imgs, noise)
-    pred, target = pred.float(), patchify(imgs, p)
-    if model.cfg.norm_pix_loss:  # back to pixels with each patch's own statistics, as MAE's visualization
-        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
-    m = mask.unsqueeze(-1)
-    mean, std = (torch.tensor(s, device=imgs.device).view(1, 3, 1, 1) for s in dataset_stats(dataset))
-    show = lambda patches: (unpatchify(patches.contiguous(), p) * std + mean).clamp(0, 1)
-    return loss.item(), show(target), show(target * (1 - m)), show(pred * m + target * (1 - m)), mask
-
-
 def save_reconstructions(train_step: TrainStep, config: Config, heldout_images, run_dir: Path, name: str) -> Path:
     """run_dir/recons/NAME.{png,pt} for 8 held-out images: rows original | visible-only |
     reconstruction; copied to <out-dir>/recons/<run folder>_NAME.* as the latest view."""
@@ -2089,165 +1439,7 @@ def save_reconstructions(train_step: TrainStep, config: Config, heldout_images, 
     return png
 
 
-# ============================================================================= evaluation
-
-@torch.no_grad()
-def heldout_metrics(model: MAE, images, precision: nvfp4.Precision, dataset: str, seed: int, limit=10_000, batch=256):
-    """Masked-patch MSE (normalized space) and PSNR of masked pixels in [0, 1], fixed masks."""
-    device, cfg = next(model.parameters()).device, model.cfg
-    g = torch.Generator().manual_seed(seed_for(seed, 7))
-    loss_sum, sq_err, pixels, n = 0.0, 0.0, 0.0, min(limit, len(images))
-    for start in range(0, n, batch):
-        imgs = plain_images(images[start:min(start + batch, n)], dataset, cfg.img_size).to(device)
-        noise = torch.rand(len(imgs), cfg.num_patches, generator=g).to(device)
-        loss, originals, _, recon, mask = reconstruct(model, imgs, noise, precision, dataset)
-        pixel_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, cfg.patch_size ** 2 * 3).contiguous(), cfg.patch_size)
-        sq_err += ((recon - originals).square() * pixel_mask).sum().item()
-        pixels += pixel_mask.sum().item()
-        loss_sum += loss * len(imgs)
-    return {"heldout_loss": loss_sum / n, "psnr_masked": psnr(sq_err / max(pixels, 1))}
-
-
-def psnr(mse: float, peak: float = 1.0) -> float:
-    return float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
-
-
-@torch.no_grad()
-@torch.compiler.set_stance("force_eager")
-def extract_features(model: MAE, images, precision: nvfp4.Precision, dataset: str, batch=512):
-    device = next(model.parameters()).device
-    feats = []
-    for start in range(0, len(images), batch):
-        with precision.autocast():
-            x = plain_images(images[start:start + batch], dataset, model.cfg.img_size).to(device)
-            feats.append(model.features(x).float())
-    return torch.cat(feats)
-
-
-def linear_probe(train_x, train_y, test_x, test_y, epochs=50, seed=0):
-    """MAE's protocol on frozen features: BatchNorm without affine, then a linear head (AdamW with
-    cosine decay here instead of LARS)."""
-    torch.manual_seed(seed)
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    head = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False), nn.Linear(train_x.shape[1], classes))
-    head = head.to(train_x.device)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.0)
-    steps = max(1, epochs * math.ceil(len(train_x) / 256))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(train_x), device=train_x.device).split(256):
-            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    head.eval()
-    with torch.no_grad():
-        return (head(test_x).argmax(1) == test_y).float().mean().item()
-
-
-def knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07):
-    """Weighted kNN on cosine similarity (exp(sim / T) votes, as DINO)."""
-    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    correct = 0
-    for chunk, labels in zip(test_x.split(1024), test_y.split(1024)):
-        sim, idx = (chunk @ train_x.t()).topk(min(k, len(train_x)), dim=1)
-        votes = torch.zeros(len(chunk), classes, device=chunk.device)
-        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == labels).sum().item()
-    return correct / len(test_x)
-
-
-def evaluate(model: MAE, precision: nvfp4.Precision, config: Config, train: Split, heldout: Split,
-             finetune: Optional["Finetune"] = None, done: Optional[dict] = None, finished=None) -> dict:
-    """Held-out loss and PSNR; with labels, linear-probe and kNN accuracy on encoder features,
-    and with `finetune` (epochs > 0) the fine-tuned top-1. done: the results of parts finished
-    before (a stopped sweep's), which are not run again; finished(results) is called after each
-    part (a sweep saves them there, and stops there on a signal)."""
-    dataset, seed = config.data.dataset, config.run.seed
-    results, finished = dict(done or {}), finished or (lambda results: None)
-    model.eval()
-    if "heldout_loss" not in results:
-        results.update(heldout_metrics(model, heldout.images, precision, dataset, seed))
-        finished(results)
-    if train.labels is not None and heldout.labels is not None and len(train.labels.unique()) > 1:
-        if "knn_acc" not in results:
-            device = next(model.parameters()).device
-            train_x = extract_features(model, train.images, precision, dataset)
-            test_x = extract_features(model, heldout.images, precision, dataset)
-            train_y, test_y = train.labels.to(device), heldout.labels.to(device)
-            results["linear_probe_acc"] = linear_probe(train_x, train_y, test_x, test_y, seed=seed)
-            results["knn_acc"] = knn_accuracy(train_x, train_y, test_x, test_y)
-            results["chance_acc"] = 1.0 / len(train.labels.unique())
-            finished(results)
-        if finetune is not None and finetune.epochs > 0 and "finetune_acc" not in results:
-            results["finetune_acc"] = finetune_accuracy(model, precision, config, train, heldout, finetune)
-            results["finetune"] = f"{finetune.epochs} epochs, {finetune.precision}"
-            finished(results)
-    else:
-        why = ("its images have no labels (a folder needs two or more first-level subfolders)"
-               if train.labels is None or heldout.labels is None else "its training images have one class")
-        print(f"[eval] {dataset}: {why}, so no linear probe, kNN or fine-tuning; held-out loss and PSNR only")
-        results["accuracy_skipped"] = why
-    model.train()
-    return results
-
-
-class Finetune(NamedTuple):
-    """--finetune-epochs and --finetune-precision (bf16 or pretrain)."""
-    epochs: int
-    precision: str
-
-    @classmethod
-    def of(cls, command) -> "Finetune":
-        return cls(command.finetune_epochs, command.finetune_precision)
-
-
-@torch.compiler.set_stance("force_eager")
-def finetune_accuracy(model: MAE, precision: nvfp4.Precision, config: Config, train: Split, heldout: Split,
-                      finetune: Finetune, blr=5e-4) -> float:
-    """MAE's fine-tuning evaluation, short (facebookresearch/mae main_finetune.py without mixup,
-    cutmix, layer decay or drop path): a copy of the encoder and a linear head on its cls feature
-    trained end to end on the labelled training split (AdamW, lr blr x batch / 256, weight decay
-    0.05, one warm-up epoch then cosine, random flips); in the AMP dtype with the linear layers
-    unquantized (bf16) or in the pretraining precision (pretrain). Returns held-out top-1."""
-    device, cfg, dataset = next(model.parameters()).device, model.cfg, config.data.dataset
-    net = copy.deepcopy(model).train()
-    if finetune.precision == "bf16":
-        nvfp4.linear.drop_quantization(net)
-        precision = precision.unquantized()
-    classes = int(max(train.labels.max(), heldout.labels.max())) + 1
-    head = nn.Linear(cfg.embed_dim, classes, device=device)
-    nn.init.trunc_normal_(head.weight, std=2e-5)  # as MAE's head
-    nn.init.zeros_(head.bias)
-    batch = min(config.optim.batch_size, len(train.images))
-    steps_per_epoch = len(train.images) // batch  # whole batches: the quantized GEMMs' shape rules hold
-    total, warmup = finetune.epochs * steps_per_epoch, steps_per_epoch
-    opt = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=blr * batch / 256, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * max(0, step - warmup) / max(1, total - warmup))))
-    g = torch.Generator().manual_seed(seed_for(config.run.seed, 11))
-    for _ in range(finetune.epochs):
-        for idx in torch.randperm(len(train.images), generator=g)[:steps_per_epoch * batch].split(batch):
-            x = plain_images(train.images[idx], dataset, cfg.img_size)
-            x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x).to(device)
-            with precision.autocast():
-                loss = F.cross_entropy(head(net.features(x)).float(), train.labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-    net.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(heldout.images), batch):
-            x = plain_images(heldout.images[start:start + batch], dataset, cfg.img_size).to(device)
-            with precision.autocast():
-                logits = head(net.features(x))
-            correct += (logits.argmax(1).cpu() == heldout.labels[start:start + batch]).sum().item()
-    return correct / len(heldout.images)
-
+# ============================================================================= workbench
 
 def run_eval(path: str, cli: Config, explicit, finetune: Finetune) -> dict:
     """--eval CKPT: rebuild the checkpoint's model, evaluate it, write eval_<ckpt>.json beside it."""
@@ -2264,8 +1456,7 @@ def run_eval(path: str, cli: Config, explicit, finetune: Finetune) -> dict:
     model, precision = build_model(config, device, config.optim.batch_size)
     load_model_state(model, ckpt["model"], str(path))
     if ckpt.get("unquantized"):  # trained to the end in high precision (--high-precision-from)
-        nvfp4.linear.drop_quantization(model)
-        precision = precision.unquantized()
+        precision = precision.unquantize(model)
     results = evaluate(model, precision, config, load_images(config, train=True), load_images(config, train=False),
                        finetune)
     results["checkpoint"], results["step"] = str(path), ckpt["progress"]["step"]
@@ -2278,480 +1469,23 @@ def run_eval(path: str, cli: Config, explicit, finetune: Finetune) -> dict:
     return results
 
 
-# ============================================================================= comparison
-
-def run_compare(variants: tuple, seeds: tuple, finetune: Finetune) -> dict:
-    """Train every (variant, seed) cell (the same config, init, data order and masks for one seed
-    across variants) in its folder of one compare root, evaluate it, then write compare/: the
-    table with means, stds and paired CIs, results.json, cells.csv and the figures. A rerun with
-    the same arguments and --run-name skips the finished cells and resumes an interrupted one."""
-    root = compare_root(variants, seeds, finetune)
-    results = {}
-    for label, config in variants:
-        for seed in seeds:
-            results.setdefault(label, {})[seed] = run_cell(root, label, config.replace(seed=seed), finetune)
-            gc.collect()  # the finished cell's model and optimizer state, before the next measures its peak
-        torch._dynamo.reset()  # graphs are kept across the seeds of one variant, not across variants
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    folder = root / "compare"
-    folder.mkdir(exist_ok=True)
-    report = compare_report(results, variants, seeds)
-    write_compare_table(report, folder / "table.md", variants[0].config, seeds)
-    write_cells_csv(results, folder / "cells.csv")
-    (folder / "results.json").write_text(strict_json(report, indent=2, default=str))
-    plot_loss_curves(results, report["reference"], folder / "loss_curves.png")
-    save_labelled_recons(results, folder / "recons.png")
-    if plot_fp4_stats(results, folder / "fp4_stats.png"):
-        print(f"[compare] {folder / 'fp4_stats.png'}: --fp4-stats per layer and operand")
-    walls = [c.get("cell_wall_s", 0.0) for cells in results.values() for c in cells.values()]
-    print(f"\n{(folder / 'table.md').read_text()}\n[compare] {len(walls)} cells, {sum(walls):.0f} s of cell time "
-          f"(cells.csv has each cell's time and compile warm-up)\n[compare] {folder}: table.md, results.json, "
-          f"cells.csv, loss_curves.png, recons.png")
-    return report
-
-
-def compare_root(variants: tuple, seeds: tuple, finetune: Finetune) -> Path:
-    """The comparison's folder: a new one, or (the same --run-name, the same variants, seeds and
-    flags) the one a killed sweep left, to go on with."""
-    first = variants[0].config
-    plan = {"compare": [{"variant": label, "config": asdict(c)} for label, c in variants], "seeds": list(seeds),
-            "finetune": list(finetune)}
-    if first.run.run_name and not first.run.overwrite:
-        root = Path(first.run.out_dir) / first.run.run_name
-        saved = root / "config.json"
-        if saved.is_file():
-            claim_folder(root)
-            saved_plan = json.loads(saved.read_text())
-            if "compare" not in saved_plan:
-                raise UsageError(f"{root} is a training run's folder, not a comparison's; choose another "
-                                 f"--run-name")
-            if saved_plan != json.loads(json.dumps(plan)):
-                raise UsageError(f"{root} holds another comparison (other variants, seeds or flags); pass "
-                                 f"--overwrite to replace it, or another --run-name")
-            print(f"[compare] going on with {root}")
-            return root
-    root = plan_run_dir(first, kind="compare")
-    make_run_dir(root, first.run.overwrite)
-    (root / "config.json").write_text(json.dumps(plan, indent=2))
-    return root
-
-
-def cell_folder(label: str, seed: int) -> str:
-    """'nvfp4:nvfp4-4over6=all', 0 -> 'nvfp4+nvfp4-4over6_all-seed0' (a plain folder name)."""
-    return re.sub(r"[^A-Za-z0-9.+-]", "_", label.replace(":", "+")) + f"-seed{seed}"
-
-
-def run_cell(root: Path, label: str, config: Config, finetune: Finetune) -> dict:
-    """Train and evaluate one cell, or read a finished cell's cell.json; an interrupted cell goes
-    on from its last checkpoint (one without a checkpoint starts again)."""
-    run_dir = root / cell_folder(label, config.run.seed)
-    done = run_dir / "cell.json"
-    if done.is_file():
-        print(f"[compare] {label}, seed {config.run.seed}: finished before, skipped ({done})")
-        return json.loads(done.read_text())
-    print(f"\n===== {label}, seed {config.run.seed} =====")
-    start = time.perf_counter()
-    config = config.replace(out_dir=str(root), run_name=run_dir.name, overwrite=True)
-    last = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    if last is not None:
-        ckpt, _ = load_checkpoint(last)
-        print(f"[compare] going on from {last}")
-        loop = TrainingLoop(config, run_dir=run_dir, ckpt=ckpt)
-    else:
-        loop = TrainingLoop(config)
-    summary = loop.train()
-    parts = run_dir / "cell_eval.json"  # the evaluation's finished parts, kept across a stop
-    stop = StopRequest("finishing this part of the evaluation, then save it and exit")
-    stop.install()
-
-    def finished(results):
-        atomic_write_text(parts, strict_json(results))
-        if stop.signal is not None:
-            raise Interrupted(stop.signal, parts, "the evaluation's finished parts")
-    try:
-        summary.update(evaluate(loop.train_step.model, loop.train_step.precision, config, loop.train_split,
-                                loop.heldout_split, finetune, json.loads(parts.read_text()) if parts.is_file() else {},
-                                finished))
-    finally:
-        stop.restore()
-    summary.update(variant=label, seed=config.run.seed, cell_wall_s=time.perf_counter() - start)
-    atomic_write_text(done, strict_json(summary, default=str))  # a kill mid-write leaves no half cell.json
-    return json.loads(done.read_text())
-
-
-COMPARE_METRICS = {  # key -> (column, format)
-    "final_loss": ("final loss", "{:.4f}"), "heldout_loss": ("held-out loss", "{:.4f}"),
-    "psnr_masked": ("PSNR masked (dB)", "{:.2f}"), "linear_probe_acc": ("probe acc", "{:.3f}"),
-    "knn_acc": ("kNN acc", "{:.3f}"), "finetune_acc": ("fine-tune acc", "{:.3f}"),
-    "img_per_s": ("img/s", "{:.0f}"), "peak_mem_gib": ("peak mem (GiB)", "{:.2f}"),
-}
-
-
-# a cell's first 3 steps (its compile), and its wall time in the process that finished it
-CELL_TIMES = ("warmup_s", "cell_wall_s")
-
-
-def compare_report(results: dict, variants: tuple, seeds: tuple) -> dict:
-    """Per variant and metric: mean and std over seeds; per variant against the reference (bf16
-    when compared, else the first): the mean of the per-seed differences and its 95% CI (Student
-    t over those differences, n - 1 degrees of freedom), and whether the CI excludes 0."""
-    from scipy import stats
-    reference = next((label for label, _ in variants if label == "bf16"), variants[0].label)
-    report = {"reference": reference, "seeds": list(seeds), "variants": {}, "differences": {},
-              "cells": {label: {str(seed): {k: v for k, v in cell.items() if not k.endswith("curve")}
-                                for seed, cell in cells.items()} for label, cells in results.items()}}
-    for label, cells in results.items():
-        row, diff = {}, {}
-        for key in COMPARE_METRICS:
-            values = [cells[seed][key] for seed in seeds if key in cells[seed]]
-            if len(values) == len(seeds):
-                row[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1
-                            else None, "n": len(values)}
-            ref_values = [results[reference][seed].get(key) for seed in seeds]
-            if label != reference and key in row and None not in ref_values:
-                d = np.array(values) - np.array(ref_values)
-                ref_mean = float(np.mean(ref_values))  # relative: None where the reference's mean is 0
-                entry = {"mean": float(d.mean()), "relative": float(d.mean()) / ref_mean if ref_mean else None,
-                         "n": len(d)}
-                if len(d) > 1:
-                    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-                    entry.update(ci95=[float(d.mean() - half), float(d.mean() + half)],
-                                 excludes_zero=bool(abs(d.mean()) > half))
-                diff[key] = entry
-        report["variants"][label] = row
-        if label != reference:
-            report["differences"][label] = diff
-    report["closest"] = closest_variants(report["differences"])
-    return report
-
-
-def closest_variants(differences: dict, key: str = "final_loss") -> dict:
-    """Per precision with a variant other than the reference: the variant whose mean paired
-    difference in `key` is smallest in size, with that difference (CI and whether it excludes 0)."""
-    closest = {}
-    for label, diff in differences.items():
-        best = closest.get(label.split(":")[0])
-        if key in diff and (best is None or abs(diff[key]["mean"]) < abs(best[key]["mean"])):
-            closest[label.split(":")[0]] = {"variant": label, key: diff[key]}
-    return closest
-
-
-def percent(relative: Optional[float]) -> str:
-    return "n/a %: the reference is 0" if relative is None else f"{relative:+.1%}"
-
-
-def write_compare_table(report: dict, path: Path, config: Config, seeds: tuple):
-    """Two markdown tables: mean +- std per variant; the paired differences to the reference."""
-    keys = [k for k in COMPARE_METRICS if any(k in row for row in report["variants"].values())]
-    cell = lambda stat, fmt: "n/a" if stat is None else fmt.format(stat["mean"]) + (
-        f" ± {fmt.format(stat['std'])}" if stat.get("std") is not None else "")
-    lines = ["| variant | " + " | ".join(COMPARE_METRICS[k][0] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for label, row in report["variants"].items():
-        lines.append(f"| {label} | " + " | ".join(cell(row.get(k), COMPARE_METRICS[k][1]) for k in keys) + " |")
-    ref = report["reference"]
-    lines += ["", f"Paired differences to {ref} (variant - {ref}, mean over seeds [95% CI]; * where the CI "
-                  f"excludes 0):", "", "| variant | " + " | ".join(COMPARE_METRICS[k][0] for k in keys) + " |",
-              "|---" * (len(keys) + 1) + "|"]
-    for label, diff in report["differences"].items():
-        out = []
-        for k in keys:
-            d, fmt = diff.get(k), COMPARE_METRICS[k][1].replace("{:", "{:+")
-            if d is None:
-                out.append("n/a")
-            elif "ci95" not in d:
-                out.append(f"{fmt.format(d['mean'])} ({percent(d['relative'])}; 1 seed)")
-            else:
-                lo, hi = (fmt.format(v) for v in d["ci95"])
-                out.append(f"{fmt.format(d['mean'])} ({percent(d['relative'])}) [{lo}, {hi}]{' *' if d['excludes_zero'] else ''}")
-        lines.append(f"| {label} | " + " | ".join(out) + " |")
-    for precision, best in report["closest"].items():
-        d = best["final_loss"]
-        if "ci95" in d:
-            ci = " [{:+.4f}, {:+.4f}]".format(*d["ci95"])
-            verdict = "significant (the CI excludes 0)" if d["excludes_zero"] else "not significant (the CI includes 0)"
-        else:
-            ci, verdict = "", "1 seed, no CI"
-        lines.append(f"\nClosest {precision} variant to {ref} in final loss: {best['variant']}, "
-                     f"{d['mean']:+.4f} ({percent(d['relative'])}){ci}: {verdict}.")
-    d, m, o = config.data, config.model, config.optim
-    lines.append(f"\n{d.dataset}, model {m.preset}, {m.img_size}px/patch {m.patch_size}, {o.epochs} epochs, batch "
-                 f"{o.batch_size}, seeds {', '.join(map(str, seeds))}; loss = mean masked MSE of the last epoch; "
-                 f"std over seeds (n - 1).")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def write_cells_csv(results: dict, path: Path):
-    """One row per (variant, seed) with every metric: the numbers behind the table."""
-    import csv
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["variant", "seed", *COMPARE_METRICS, *CELL_TIMES, "backend"])
-        for label, cells in results.items():
-            for seed, c in cells.items():
-                writer.writerow([label, seed, *(c.get(k, "") for k in (*COMPARE_METRICS, *CELL_TIMES)),
-                                 c.get("backend", "")])
-
-
-def mean_curves(cells: dict) -> tuple:
-    """(steps, mean, std) of the cells' loss curves over seeds (epoch means for runs shorter
-    than two --log-every intervals); the seeds share their steps."""
-    key = "curve" if all(len(c["curve"]) >= 2 for c in cells.values()) else "epoch_curve"
-    curves = [np.array(c[key], dtype=float) for c in cells.values()]
-    length = min(len(c) for c in curves)
-    losses = np.stack([c[:length, 1] for c in curves])
-    return curves[0][:length, 0], losses, key
-
-
-def plot_loss_curves(results: dict, reference: str, path: Path):
-    """Left: each variant's loss over steps, mean over seeds with a +-std band. Right: the
-    relative gap to the reference, per seed then averaged, with its band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    columns = min(3, len(results))  # of the legend under both panels
-    legend_rows = math.ceil(len(results) / columns)
-    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.3 * legend_rows))
-    ref_steps, ref_losses, key = mean_curves(results[reference])
-    for label, cells in results.items():
-        steps, losses, _ = mean_curves(cells)
-        mean, std = losses.mean(0), losses.std(0, ddof=1) if len(losses) > 1 else np.zeros(losses.shape[1])
-        (line,) = ax.plot(steps, mean, label=label, marker="o" if key == "epoch_curve" else None)
-        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        if label == reference:  # its gap is the zero line
-            continue
-        n = min(len(steps), len(ref_steps))
-        rel = 100 * (losses[:, :n] - ref_losses[:, :n]) / ref_losses[:, :n]
-        rel_std = rel.std(0, ddof=1) if len(rel) > 1 else np.zeros(n)
-        gap_ax.plot(steps[:n], rel.mean(0), color=line.get_color(), label=label)
-        gap_ax.fill_between(steps[:n], rel.mean(0) - rel_std, rel.mean(0) + rel_std, color=line.get_color(), alpha=0.2)
-    seeds = len(next(iter(results.values())))
-    ax.set(xlabel="step", ylabel=f"train loss (masked MSE{', epoch mean' if key == 'epoch_curve' else ''})",
-           yscale="log", title=f"MAE pretraining loss, mean ± std over {seeds} seed{'s' * (seeds > 1)}")
-    gap_ax.axhline(0, color="black", linewidth=0.8)
-    gap_ax.set(xlabel="step", ylabel=f"loss gap to {reference} (%)", title=f"relative gap to {reference}, paired by seed")
-    # one legend under both panels (the variant strings are long; inside, they hide the curves)
-    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=columns, frameon=False)
-    fig.tight_layout(rect=(0, 0.055 * legend_rows, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def save_labelled_recons(results: dict, path: Path, scale: int = 3):
-    """The first seed's final reconstruction grid of each variant, one below the other, each
-    upscaled (nearest, so 32 px images stay sharp) under a strip with the variant's name."""
-    from PIL import ImageDraw
-    grids = []
-    for label, cells in results.items():
-        recon = next((c["recon"] for c in cells.values() if Path(c.get("recon", "")).is_file()), None)
-        if recon is None:  # a cell.json written without its grid (before a grid was made on resume)
-            print(f"[compare] {label}: no final reconstruction grid in its cells; left out of {path.name}")
-            continue
-        grid = Image.open(recon).convert("RGB")
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-        strip = Image.new("RGB", (grid.width, 16), "white")
-        ImageDraw.Draw(strip).text((4, 2), f"{label} (rows: original | visible | reconstruction)", fill="black")
-        grids += [strip, grid]
-    if not grids:
-        return
-    canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
-    top = 0
-    for g in grids:
-        canvas.paste(g, (0, top))
-        top += g.height
-    canvas.save(path)
-
-
-def plot_fp4_stats(results: dict, path: Path) -> bool:
-    """Heat maps of the --fp4-stats summary (layer x operand: share of nonzeros flushed to zero,
-    relative error) for each variant that has one; False if none has."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    stats = {label: next(iter(cells.values()))["fp4_stats"] for label, cells in results.items()
-             if "fp4_stats" in next(iter(cells.values()))}
-    if not stats:
-        return False
-    operands = ["X", "W", "dY"]
-    fig, axes = plt.subplots(len(stats), 2, figsize=(10, 0.25 * max(len(s) for s in stats.values()) / 3 * len(stats) + 2),
-                             squeeze=False)
-    for row, (label, summary) in zip(axes, stats.items()):
-        layers = list(dict.fromkeys(key.rsplit(".", 1)[0] for key in summary))
-        for ax, (metric, title) in zip(row, (("flushed_to_zero", "nonzeros flushed to zero"),
-                                             ("rel_error", "relative error"))):
-            grid = np.array([[summary.get(f"{layer}.{op}", {}).get(metric, np.nan) for op in operands]
-                             for layer in layers])
-            image = ax.imshow(grid, aspect="auto", cmap="viridis")
-            ax.set(xticks=range(3), xticklabels=operands, yticks=range(len(layers)), title=f"{label}: {title}")
-            ax.set_yticklabels(layers, fontsize=6)
-            fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-# ============================================================================= benchmark
-
-def flops_per_image(cfg: MAEConfig) -> float:
-    """Training FLOPs per image: 3 x forward (forward + backward), matmuls and attention only."""
-    p2c, te, td = cfg.patch_size ** 2 * 3, cfg.num_visible + 1, cfg.num_patches + 1
-    d, dd = cfg.embed_dim, cfg.decoder_embed_dim
-    enc = cfg.depth * (2 * te * (4 * d * d + 2 * d * int(d * cfg.mlp_ratio)) + 4 * te * te * d)
-    dec = cfg.decoder_depth * (2 * td * (4 * dd * dd + 2 * dd * int(dd * cfg.decoder_mlp_ratio)) + 4 * td * td * dd)
-    return 3 * (enc + dec + 2 * cfg.num_visible * p2c * d + 2 * te * d * dd + 2 * td * dd * p2c)
-
-
-def gpu_mark() -> torch.cuda.Event:
-    """A timing event recorded now on the current stream."""
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
-
-
-def measure_bf16_peak(device) -> float:
-    """Dense bf16 matmul rate of this GPU (TFLOP/s), the MFU denominator."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start = gpu_mark()
-    for _ in range(10):
-        a @ b
-    end = gpu_mark()
-    torch.cuda.synchronize(device)
-    return 10 * 2 * 8192 ** 3 / (start.elapsed_time(end) / 1e3) / 1e12
-
-
-def benchmark_batches(config: Config, synthetic: bool):
-    """(endless batches, the loader or None): one fixed batch on the device, or the real loader."""
-    device, o, m = torch.device(config.run.device), config.optim, config.model
-    if synthetic:
-        g = torch.Generator().manual_seed(config.run.seed)
-        batch = (torch.randn(o.batch_size, 3, m.img_size, m.img_size, generator=g).to(device),
-                 torch.rand(o.batch_size, m.num_patches, generator=g).to(device))
-        return itertools.repeat(batch), None
-    loader = make_loader(config, load_images(config, train=True))
-    return (b for epoch in itertools.count() for b in loader.epoch(epoch)), loader
-
-
-def time_steps(train_step: TrainStep, batches, loader, steps: int, first: int, lr: float) -> dict:
-    """Run `steps` steps from step number `first`: wall and GPU ms, and the GPU time the data took
-    (tensor loader: from the end of a step to the batch's last kernel, host waits included;
-    torchvision: host waits on the workers, while the GPU runs dry)."""
-    tensor_loader = isinstance(loader, TensorLoader)
-    if loader is not None and not tensor_loader:
-        loader.wait_s = 0.0
-    data_spans = []  # (before, after) each batch's loader work, on the training stream
-    start, t0 = gpu_mark(), time.perf_counter()
-    for n in range(steps):
-        before = gpu_mark() if tensor_loader else None
-        batch = next(batches)
-        if tensor_loader:
-            data_spans.append((before, gpu_mark()))
-        train_step(*batch, lr, first + n)
-    end = gpu_mark()
-    torch.cuda.synchronize(train_step.device)
-    data_ms = (sum(b.elapsed_time(a) for b, a in data_spans) if tensor_loader else
-               loader.wait_s * 1e3 if loader is not None else 0.0)
-    return {"wall_ms": (time.perf_counter() - t0) * 1e3, "gpu_ms": start.elapsed_time(end), "data_ms": data_ms}
-
-
-@torch.compiler.set_stance("force_eager")
-def memory_parts(train_step: TrainStep, batch) -> dict:
-    """GiB of the static part of a step's memory (parameters, their gradients, optimizer state)
-    and of what the linear layers save for backward in one forward pass of `batch`, by operand
-    (x: the inputs' copies, w: the weights'); an eager pass, where the layers count it (a
-    compiled step can save less: its partitioner may recompute a cheap producer, such as a
-    LayerNorm or a cast, in backward rather than keep its output)."""
-    gib = lambda tensors: sum(t.numel() * t.element_size() for t in tensors) / 2 ** 30
-    params = list(train_step.model.parameters())
-    state = [v for s in train_step.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    devices = [train_step.device] if train_step.device.type == "cuda" else []
-    parts = {"params_gib": gib(params), "grads_gib": gib(p for p in params if p.requires_grad),
-             "optimizer_gib": gib(state)}
-    try:
-        with torch.random.fork_rng(devices=devices), nvfp4.linear.count_saved_bytes() as saved:
-            with train_step.precision.autocast():
-                train_step.model(*batch)  # the graph (and what it saved) is freed on return
-    except torch.OutOfMemoryError:  # beside a captured step's pool, at the largest batches
-        torch.cuda.empty_cache()
-        return {"static_mem_gib": sum(parts.values()), **parts, "saved_x_gib": None, "saved_w_gib": None}
-    return {"static_mem_gib": sum(parts.values()), **parts,
-            "saved_x_gib": saved["x"] / 2 ** 30, "saved_w_gib": saved["w"] / 2 ** 30}
-
-
-def run_benchmark(config: Config, steps: int, synthetic: bool, profile: bool = False, warmup_steps=20,
-                  profile_steps=20) -> dict:
-    """--benchmark N: warm up (compile), time N steps; img/s, step ms, peak memory, data wait, MFU;
-    with profile, where 20 more steps' GPU time goes (workbench.profile)."""
-    device, o, m = torch.device(config.run.device), config.optim, config.model
-    if device.type != "cuda":
-        raise UsageError("--benchmark measures GPU time; run it on a CUDA device")
-    check_writable(Path(config.run.out_dir))
+def benchmark_step(config: Config) -> TrainStep:
+    """--benchmark's train step (workbench.benchmark times it), seeded as a run's."""
     seed_everything(config.run.seed)
-    peak_tflops = measure_bf16_peak(device)  # before the step's memory: it fits beside any batch
-    train_step = TrainStep(config, device)
-    batches, loader = benchmark_batches(config, synthetic)
+    train_step = TrainStep(config, torch.device(config.run.device))
     for line in precision_lines(config, train_step):
         print(f"[precision] {line}")
-    # The peak is reset after the first two steps (the compile, with its autotuning's buffers) and
-    # covers the rest of the warm-up: a CUDA-graphed step allocates its activations once, in its
-    # capture (the third step), and its replays take them from the graph's pool unseen.
-    t0 = time.perf_counter()
-    for n in range(warmup_steps):
-        if n == 2:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        train_step(*next(batches), o.peak_lr, n)
-    torch.cuda.synchronize(device)
-    warmup_s = time.perf_counter() - t0
-    if config.run.compile:
-        stop_compile_workers()
-    t = time_steps(train_step, batches, loader, steps, warmup_steps, o.peak_lr)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    memory = memory_parts(train_step, next(batches))
-    flops = flops_per_image(m)
-    img_s = o.batch_size * steps / (t["wall_ms"] / 1e3)
-    result = {"precision": config.precision.name, "backend": train_step.precision.backend_name,
-              "mode": "model only (synthetic batch)" if synthetic else f"end to end ({config.data.loader} loader)",
-              "batch": o.batch_size, "img_size": m.img_size, "patch_size": m.patch_size, "model": m.preset,
-              "compile": config.run.compile, "img_per_s": img_s, "step_ms": t["wall_ms"] / steps,
-              "gpu_step_ms": t["gpu_ms"] / steps, "peak_mem_gib": peak, **memory,
-              "activation_mem_gib": peak - memory["static_mem_gib"],
-              "data_wait_pct": 100 * t["data_ms"] / t["gpu_ms"], "warmup_s": warmup_s, "gflop_per_img": flops / 1e9,
-              "bf16_peak_tflops": peak_tflops, "mfu_pct": 100 * flops * img_s / (peak_tflops * 1e12)}
-    print(f"[benchmark] FLOPs/img = 3 x (enc: depth x (2 T_e (4 D^2 + 2 D H) + 4 T_e^2 D) + dec: same with "
-          f"T_d, D_d, H_d + embed/pred matmuls), T_e = visible + 1, T_d = patches + 1 -> {flops / 1e9:.3f} GFLOP")
-    for key, value in result.items():
-        print(f"[benchmark] {key:18s} {value:.3f}" if isinstance(value, float) else f"[benchmark] {key:18s} {value}")
-    r = result
-    print(f"[benchmark] memory: peak {peak:.3f} GiB = static {r['static_mem_gib']:.3f} (parameters "
-          f"{r['params_gib']:.3f}, gradients {r['grads_gib']:.3f}, optimizer state {r['optimizer_gib']:.3f}) + "
-          f"activations {r['activation_mem_gib']:.3f}; " + (
-              f"the linear layers save {r['saved_x_gib']:.3f} GiB of x copies and {r['saved_w_gib']:.3f} GiB of w "
-              f"copies for backward" if r["saved_x_gib"] is not None else
-              "what the linear layers save was not counted: an eager pass does not fit beside the captured step"))
-    out = Path(config.run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)  # check_writable ran before the warm-up
-    if profile:
-        result.update(profile_benchmark(config, train_step, batches, warmup_steps + steps, profile_steps))
-    with open(out / "benchmarks.jsonl", "a") as f:
-        f.write(strict_json(result) + "\n")
-    return result
+    return train_step
 
 
-def profile_benchmark(config: Config, train_step: TrainStep, batches, first: int, steps: int) -> dict:
-    """--profile: `steps` more steps under torch.profiler; prints CUDA time per step by kernel
-    group and the top kernels, writes the Chrome trace to the out dir; the summary's numbers."""
-    from workbench.profile import profile_steps, report_lines
-    o, m = config.optim, config.model
-    trace = Path(config.run.out_dir) / f"profile_{config.precision.name}_{m.preset}_b{o.batch_size}.json"
-    summary = profile_steps(lambda: train_step(*next(batches), o.peak_lr, first), steps, trace)
-    for line in report_lines(summary, steps):
-        print(f"[profile] {line}")
-    print(f"[profile] Chrome trace: {trace}")
-    return {"profile_ms": summary["groups_ms"], "profile_top": summary["top"]}
+def train_cell(config: Config, run_dir: Path) -> TrainingLoop:
+    """--compare's training run of a cell (workbench.compare trains and evaluates it): a new one,
+    or on from the last checkpoint a stopped sweep left in run_dir."""
+    last = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if last is None:
+        return TrainingLoop(config)
+    print(f"[compare] going on from {last}")
+    return TrainingLoop(config, run_dir=run_dir, ckpt=load_checkpoint(last)[0])
 
 
 # ============================================================================= main
@@ -2781,9 +1515,11 @@ def main(argv=None):
         if config.run.compile:
             start_compile_workers()
         if command.mode == "benchmark":
-            return run_benchmark(config, command.benchmark, command.benchmark_synthetic, command.profile)
+            return benchmark.run_benchmark(config, lambda: benchmark_step(config), command.benchmark,
+                                           command.benchmark_synthetic, command.profile,
+                                           stop_compile_workers if config.run.compile else None)
         if command.mode == "compare":
-            return run_compare(command.variants, command.sweep_seeds, Finetune.of(command))
+            return compare.run_compare(command.variants, command.sweep_seeds, Finetune.of(command), train_cell)
         run_dir, ckpt, changes = None, None, []
         if command.mode == "resume":
             path = find_checkpoint(command.resume, "--resume")

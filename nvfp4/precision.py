@@ -8,7 +8,7 @@ import torch
 
 from . import te_backend
 from .formats import FP8Recipe, NativeFP8Recipe, NVFP4Recipe
-from .linear import LayerFactory, Recipe
+from .linear import LayerFactory, Recipe, drop_quantization
 
 PRECISIONS = ("fp32", "bf16", "fp8", "nvfp4")
 DEFAULT_RECIPES = {"nvfp4": NVFP4Recipe(), "fp8": FP8Recipe()}
@@ -57,10 +57,11 @@ class Precision:
         """The factory of the model's linear layers in this precision."""
         return LayerFactory(self.recipe, self.keep_high_precision, self.backend)
 
-    def unquantized(self) -> "Precision":
-        """This precision after a precision schedule's switch to high precision: no recipe, so no
-        TE autocast (TE's modules then run in the AMP dtype, as the emulated ones do once
-        nvfp4.linear.drop_quantization cleared theirs)."""
+    def unquantize(self, model: torch.nn.Module) -> "Precision":
+        """Switch `model`'s quantized linear layers to high precision (a precision schedule's
+        switch, or fine-tuning unquantized), and return this precision after it: no recipe, so no
+        TE autocast; the layers then run in the AMP dtype, emulated and TE's alike."""
+        drop_quantization(model)
         return replace(self, recipe=None)
 
     @contextmanager

@@ -1,12 +1,18 @@
+"""What the tests share: the repository on sys.path, TE's reference loaded with stand-ins for its
+C++ parts, CIFAR files and image folders written by the tests, and the CLI run in-process."""
 import importlib.util
+import json
 import os
+import pickle
 import subprocess
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -97,3 +103,85 @@ def te_recipes():
             else:
                 sys.modules[name] = previous
     return module
+
+
+def write_cifar(root: Path, n_train=80, n_test=16, hundred=False, seed=0):
+    """Files in CIFAR's python format (pickled dicts of uint8 rows), as torchvision reads them."""
+    rng = np.random.default_rng(seed)
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = "fine_labels" if hundred else "labels"
+
+    def batch(n):
+        labels = rng.integers(0, 100 if hundred else 10, n)
+        colors = np.stack([labels * 25 % 256, labels * 75 % 256, labels * 125 % 256], 1)[:, :, None]
+        data = np.clip(colors + rng.normal(0, 30, (n, 3, 1024)), 0, 255).astype(np.uint8).reshape(n, 3072)
+        return {"data": data, label_key: labels.tolist(), "filenames": [f"{i}.png" for i in range(n)]}
+
+    if hundred:
+        files = {"train": batch(n_train), "test": batch(n_test), "meta": {"fine_label_names": [str(i) for i in range(100)]}}
+    else:
+        per = n_train // 5
+        files = {f"data_batch_{i}": batch(per) for i in range(1, 6)}
+        files.update(test_batch=batch(n_test), **{"batches.meta": {"label_names": [str(i) for i in range(10)]}})
+    for name, content in files.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump(content, f)
+    return root
+
+
+def write_image_folder(root: Path, classes=3, per_class=20, size=32, seed=0):
+    """PNG images in class subfolders, each class its own color, plus noise."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, 3)
+        for i in range(per_class):
+            img = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def cifar(tmp_path, monkeypatch):
+    """A CIFAR-10 fixture; torchvision's md5 check is bypassed for these files (tests only)."""
+    bypass_md5(monkeypatch)
+    return write_cifar(tmp_path / "data")
+
+
+def bypass_md5(monkeypatch):
+    """torchvision checks CIFAR's files against their md5 sums; fixture files cannot match."""
+    import torchvision.datasets.cifar
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+
+
+def cli(tmp_path, *argv, run_name="run"):
+    """Run the CLI in-process on CPU with a tiny model; returns (summary, run folder)."""
+    import asmae_minimal  # after sys.path has the repository
+    base = ["--device", "cpu", "--model", "tiny", "--batch-size", "16", "--out-dir", str(tmp_path / "runs"),
+            "--log-every", "2"]
+    summary = asmae_minimal.main(base + (["--run-name", run_name] if run_name else []) + list(argv))
+    return summary, tmp_path / "runs" / run_name if run_name else None
+
+
+def metrics(run_dir: Path, timing=False):
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return lines if timing else [{k: v for k, v in l.items() if k not in ("time_s", "img_per_s")} for l in lines]
+
+
+def fails(capsys, argv, message):
+    """main(argv) exits 2 with one line on stderr that holds `message`."""
+    import asmae_minimal
+    with pytest.raises(SystemExit) as exit_info:
+        asmae_minimal.main(["--device", "cpu", "--model", "tiny", *argv])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def images(tmp_path):
+    """A folder of 80 images in two classes: 72 train images, 4 steps of 16."""
+    return write_image_folder(tmp_path / "images", classes=2, per_class=40)  # 72 train images: 4 steps of 16

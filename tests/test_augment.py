@@ -3,13 +3,14 @@ and on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set before trit
 import os
 
 import pytest
+import torch
 
 from conftest import REPO, requires_cuda, run_python
 
 CHECK = r"""
 import itertools, sys, torch
 sys.path.insert(0, {repo!r})
-import augment, augment_kernel
+from workbench import augment, augment_kernel
 device = {device!r}
 g = torch.Generator().manual_seed(0)
 orders = torch.tensor(list(itertools.permutations(range(4))))  # all 24 jitter orders
@@ -44,3 +45,14 @@ def test_augment_kernel_in_triton_interpreter():
 @requires_cuda
 def test_augment_kernel_on_gpu():
     run_check("cuda")
+
+
+def test_per_sample_hue_matches_torchvision():
+    from torchvision.transforms.v2 import functional as TF
+    from workbench import augment
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    x[0], x[1, :, :2] = 0.5, x[1, 0, :2]  # gray pixels: no hue
+    shift = torch.tensor([0.1, -0.1, 0.05, -0.05, 0.0, 0.099])
+    expected = torch.stack([TF.adjust_hue(img, s.item()) for img, s in zip(x, shift)])
+    assert (augment._adjust_hue(x, shift) - expected).abs().max() < 1e-6

@@ -1,198 +1,17 @@
 """The training CLI end to end on CPU: data fixtures in CIFAR's on-disk format, outputs, bad inputs."""
 import json
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import asmae_minimal
-
-
-def write_cifar(root: Path, n_train=80, n_test=16, hundred=False, seed=0):
-    """Files in CIFAR's python format (pickled dicts of uint8 rows), as torchvision reads them."""
-    rng = np.random.default_rng(seed)
-    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
-    folder.mkdir(parents=True, exist_ok=True)
-    label_key = "fine_labels" if hundred else "labels"
-
-    def batch(n):
-        labels = rng.integers(0, 100 if hundred else 10, n)
-        colors = np.stack([labels * 25 % 256, labels * 75 % 256, labels * 125 % 256], 1)[:, :, None]
-        data = np.clip(colors + rng.normal(0, 30, (n, 3, 1024)), 0, 255).astype(np.uint8).reshape(n, 3072)
-        return {"data": data, label_key: labels.tolist(), "filenames": [f"{i}.png" for i in range(n)]}
-
-    if hundred:
-        files = {"train": batch(n_train), "test": batch(n_test), "meta": {"fine_label_names": [str(i) for i in range(100)]}}
-    else:
-        per = n_train // 5
-        files = {f"data_batch_{i}": batch(per) for i in range(1, 6)}
-        files.update(test_batch=batch(n_test), **{"batches.meta": {"label_names": [str(i) for i in range(10)]}})
-    for name, content in files.items():
-        with open(folder / name, "wb") as f:
-            pickle.dump(content, f)
-    return root
-
-
-def write_image_folder(root: Path, classes=3, per_class=20, size=32, seed=0):
-    """PNG images in class subfolders, each class its own color, plus noise."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        folder = root / f"class{c}"
-        folder.mkdir(parents=True, exist_ok=True)
-        base = rng.integers(0, 256, 3)
-        for i in range(per_class):
-            img = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(folder / f"{i}.png")
-    return root
-
-
-@pytest.fixture
-def cifar(tmp_path, monkeypatch):
-    """A CIFAR-10 fixture; torchvision's md5 check is bypassed for these files (tests only)."""
-    bypass_md5(monkeypatch)
-    return write_cifar(tmp_path / "data")
-
-
-def bypass_md5(monkeypatch):
-    """torchvision checks CIFAR's files against their md5 sums; fixture files cannot match."""
-    import torchvision.datasets.cifar
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
-
-
-def cli(tmp_path, *argv, run_name="run"):
-    """Run the CLI in-process on CPU with a tiny model; returns (summary, run folder)."""
-    base = ["--device", "cpu", "--model", "tiny", "--batch-size", "16", "--out-dir", str(tmp_path / "runs"),
-            "--log-every", "2"]
-    summary = asmae_minimal.main(base + (["--run-name", run_name] if run_name else []) + list(argv))
-    return summary, tmp_path / "runs" / run_name if run_name else None
-
-
-def metrics(run_dir: Path, timing=False):
-    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return lines if timing else [{k: v for k, v in l.items() if k not in ("time_s", "img_per_s")} for l in lines]
+from conftest import cli, metrics
+from workbench import errors
 
 
 # ---- model pieces -----------------------------------------------------------------------------
-
-def test_patchify_unpatchify_inverse():
-    imgs = torch.randn(2, 3, 32, 32)
-    patches = asmae_minimal.patchify(imgs, 4)
-    assert patches.shape == (2, 64, 48)
-    assert torch.equal(patches[0, 1], imgs[0, :, 0:4, 4:8].permute(1, 2, 0).reshape(-1))  # row-major patches
-    assert torch.equal(asmae_minimal.unpatchify(patches, 4), imgs)
-    with pytest.raises(ValueError, match="contiguous"):
-        asmae_minimal.patchify(imgs.transpose(2, 3), 4)
-
-
-def tiny_config(**overrides):
-    cfg = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
-               decoder_depth=1, decoder_num_heads=2, mask_ratio=0.75)
-    cfg.update(overrides)
-    return asmae_minimal.MAEConfig(**cfg)
-
-
-def test_masking_is_per_sample_and_exact():
-    model = asmae_minimal.MAE(tiny_config())
-    noise = torch.rand(8, 16)
-    _, pred, mask = model(torch.randn(8, 3, 16, 16), noise)
-    asmae_minimal.check_mask(mask, 8, 16, 12)
-    kept = torch.argsort(noise, 1)[:, :4]
-    assert torch.equal(mask.gather(1, kept), torch.zeros(8, 4))  # the 4 lowest-noise patches stay visible
-    assert len({tuple(m.tolist()) for m in mask}) > 1  # masks differ between samples
-    with pytest.raises(ValueError, match="expected exactly 12"):
-        asmae_minimal.check_mask(torch.zeros(8, 16), 8, 16, 12)
-    with pytest.raises(ValueError, match="not binary"):
-        asmae_minimal.check_mask(torch.full((8, 16), 0.5), 8, 16, 12)
-
-
-def test_sincos_pos_embed_matches_float64_formula():
-    import math
-    dim, grid = 16, 4
-    emb = asmae_minimal.sincos_pos_embed_2d(dim, grid)[0]
-    assert emb.shape == (1 + grid * grid, dim) and torch.equal(emb[0], torch.zeros(dim))
-    for pos in range(grid * grid):
-        w, h = pos % grid, pos // grid  # MAE: the first half of the channels encodes the column
-        for half, coord in ((0, w), (1, h)):
-            for i in range(dim // 4):
-                omega = 1.0 / 10000 ** (i / (dim / 4))
-                base = 1 + pos, half * dim // 2
-                assert abs(emb[base[0], base[1] + i].item() - math.sin(coord * omega)) < 1e-6
-                assert abs(emb[base[0], base[1] + dim // 4 + i].item() - math.cos(coord * omega)) < 1e-6
-
-
-def test_loss_only_on_masked_patches():
-    model = asmae_minimal.MAE(tiny_config())
-    imgs, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
-    loss, pred, mask = model(imgs, noise)
-    target = asmae_minimal.patchify(imgs, 4)
-    expected = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
-    assert torch.allclose(loss, expected)
-    # changing the image on visible patches changes the encoder input but not the target of the loss:
-    # the loss is exactly the masked-patch MSE computed above, never a full-image MSE
-    full = ((pred - target) ** 2).mean()
-    assert not torch.allclose(loss, full)
-
-
-def test_tiny_model_overfits_one_batch():
-    torch.manual_seed(0)
-    model = asmae_minimal.MAE(tiny_config())
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    imgs, noise = torch.randn(8, 3, 16, 16), torch.rand(8, 16)
-    losses = []
-    for _ in range(150):
-        loss, _, _ = model(imgs, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.3 * losses[0]
-
-
-def test_nvfp4_model_trains_on_cpu():
-    torch.manual_seed(0)
-    layers = asmae_minimal.nvfp4.LayerFactory(asmae_minimal.nvfp4.NVFP4Recipe(), keep_high_precision=("patch_embed", "decoder_pred"))
-    model = asmae_minimal.MAE(tiny_config(embed_dim=64, decoder_embed_dim=64), layers)
-    assert any(g[3] for g in model.gemms)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    imgs, noise = torch.randn(16, 3, 16, 16), torch.rand(16, 16)
-    first = model(imgs, noise)[0].item()
-    for _ in range(120):
-        loss, _, _ = model(imgs, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.5 * first
-
-
-def test_regional_compile_shares_graphs_and_evaluation_stays_eager(monkeypatch):
-    """One graph per block shape and per piece of glue, whatever the depth (a per-layer guard,
-    e.g. on a layer's name, would compile every block); eval passes never compile; same loss
-    and gradients as the eager model. Dynamo's "eager" backend: what is tested is the tracing."""
-    from functools import partial
-    from torch._dynamo.utils import counters
-    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="eager"))
-    torch._dynamo.reset()
-    counters.clear()
-    layers = lambda: asmae_minimal.nvfp4.LayerFactory(asmae_minimal.nvfp4.NVFP4Recipe())
-    torch.manual_seed(0)
-    eager = asmae_minimal.MAE(tiny_config(embed_dim=32, decoder_embed_dim=32, depth=3, decoder_depth=2), layers())
-    compiled = asmae_minimal.MAE(eager.cfg, layers())
-    compiled.load_state_dict(eager.state_dict())
-    asmae_minimal.compile_model(compiled, model_graphs=False)
-    imgs, noise = torch.randn(16, 3, 16, 16), torch.rand(16, 16)
-    for model in (eager, compiled):
-        torch.manual_seed(1)  # the same stochastic-rounding bits
-        model(imgs, noise)[0].backward()
-    assert counters["stats"]["unique_graphs"] == 2 + 3  # encoder and decoder blocks, three glue pieces
-    for a, b in zip(eager.parameters(), compiled.parameters()):
-        assert torch.equal(a.grad, b.grad)
-    precision = asmae_minimal.nvfp4.Precision.resolve("fp32", torch.device("cpu"), amp=False)
-    asmae_minimal.reconstruct(compiled, imgs[:3], noise[:3], precision, "fake")
-    asmae_minimal.extract_features(compiled, torch.zeros(5, 3, 16, 16, dtype=torch.uint8), precision, "fake")
-    assert counters["stats"]["unique_graphs"] == 5
 
 
 # ---- the CLI end to end ---------------------------------------------------------------------------
@@ -217,40 +36,6 @@ def test_one_epoch_on_cifar_fixture(tmp_path, cifar):
     lines = metrics(run_dir, timing=True)
     assert [l["type"] for l in lines] == ["step", "step", "epoch"] and all("img_per_s" in l for l in lines)
     assert json.loads((run_dir / "config.json").read_text())["optim"]["epochs"] == 1
-
-
-def test_cifar100_and_torchvision_loader(tmp_path, monkeypatch):
-    bypass_md5(monkeypatch)
-    data = write_cifar(tmp_path / "data", hundred=True)
-    _, run_dir = cli(tmp_path, "--dataset", "cifar100", "--data-root", str(data), "--epochs", "1",
-                     "--loader", "torchvision", "--num-workers", "0", "--randaugment")
-    assert metrics(run_dir)[-1]["type"] == "epoch"
-
-
-def test_per_sample_hue_matches_torchvision():
-    from torchvision.transforms.v2 import functional as TF
-    import augment
-    torch.manual_seed(0)
-    x = torch.rand(6, 3, 8, 8)
-    x[0], x[1, :, :2] = 0.5, x[1, 0, :2]  # gray pixels: no hue
-    shift = torch.tensor([0.1, -0.1, 0.05, -0.05, 0.0, 0.099])
-    expected = torch.stack([TF.adjust_hue(img, s.item()) for img, s in zip(x, shift)])
-    assert (augment._adjust_hue(x, shift) - expected).abs().max() < 1e-6
-
-
-def test_tensor_loader_is_per_sample_and_deterministic(tmp_path):
-    _, config = asmae_minimal.parse_config(["--device", "cpu", "--dataset", "fake", "--batch-size", "8", "--randaugment"])
-    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    loader = asmae_minimal.TensorLoader(images, config)
-    a = next(loader.epoch(3))
-    b = next(loader.epoch(3))
-    c = next(loader.epoch(4))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
-    same = images[:1].expand(8, -1, -1, -1).contiguous()
-    loader = asmae_minimal.TensorLoader(same, config)
-    loader.images = same
-    x, _ = loader._make(torch.zeros(8, dtype=torch.long), 0, 0)
-    assert len({round(v, 4) for v in x.flatten(1).mean(1).tolist()}) == 8  # one image, 8 different views
 
 
 # ---- bad input: one line, exit code 2 ----------------------------------------------------------
@@ -348,8 +133,8 @@ def test_config_is_frozen_resolved_and_round_trips(tmp_path):
     import dataclasses
     command, config = asmae_minimal.parse_config(["--device", "cpu", "--model", "tiny", "--no-rht",
                                                   "--precision", "nvfp4", "--keep-high-precision", "patch_embed"])
-    assert command.mode == "train" and {"preset", "disable_rht", "name", "device"} <= command.explicit
-    assert config.precision.name == "nvfp4" and config.precision.disable_rht and not config.precision.amp
+    assert command.mode == "train" and {"preset", "disable_rht", "precision", "device"} <= command.explicit
+    assert config.precision.precision == "nvfp4" and config.precision.disable_rht and not config.precision.amp
     assert config.precision.keep_high_precision == ("patch_embed",)
     assert config.optim.batch_size == 32 and config.optim.lr is None and config.optim.peak_lr == 1.5e-4 * 32 / 256
     assert config.model.embed_dim == asmae_minimal.MODEL_PRESETS["tiny"]["embed_dim"] and config.run.compile is False
@@ -364,7 +149,7 @@ def test_config_is_frozen_resolved_and_round_trips(tmp_path):
 def test_compare_variants_resolve_their_own_amp_and_switches():
     command, _ = asmae_minimal.parse_config(["--device", "cpu", "--compare", "fp32,bf16,nvfp4", "--no-amp",
                                              "--no-rht", "--fp4-stats"])
-    assert command.mode == "compare" and [v.config.precision.name for v in command.variants] == ["fp32", "bf16", "nvfp4"]
+    assert command.mode == "compare" and [v.config.precision.precision for v in command.variants] == ["fp32", "bf16", "nvfp4"]
     fp32, bf16, fp4 = (v.config for v in command.variants)
     assert (fp32.precision.amp, bf16.precision.amp, fp4.precision.amp) == (False, True, False)
     assert fp4.precision.disable_rht and fp4.precision.fp4_stats
@@ -399,7 +184,7 @@ def test_resume_config_applies_given_flags_and_refuses_conflicts():
     assert (merged.optim.epochs, merged.optim.blr, merged.optim.peak_lr) == (4, 3e-4, 3e-4 * 32 / 256)
     assert changes == ["blr 0.00015 -> 0.0003", "epochs 2 -> 4"]
     command, cli = asmae_minimal.parse_config(["--device", "cpu", "--resume", "x", "--precision", "nvfp4"])
-    with pytest.raises(asmae_minimal.UsageError, match="--precision nvfp4 conflicts with the checkpoint"):
+    with pytest.raises(errors.UsageError, match="--precision nvfp4 conflicts with the checkpoint"):
         asmae_minimal.resume_config(saved, cli, command.explicit)
 
 

@@ -6,8 +6,7 @@ import sys
 
 import torch
 
-from conftest import REPO
-from test_cli import write_image_folder
+from conftest import REPO, write_image_folder
 
 
 def free_port():

@@ -5,8 +5,8 @@ import json
 import pytest
 
 import asmae_minimal
-from conftest import requires_cuda
-from test_cli import write_image_folder
+from conftest import requires_cuda, write_image_folder
+from workbench import data
 
 
 @requires_cuda
@@ -68,7 +68,7 @@ def test_whole_step_cuda_graph_trains_as_the_ungraphed_step():
         for trainer in trainers:
             loss, grad_norm, skipped, _ = trainer(imgs, noise, 1e-3 * step, step)
             losses[trainer.graphed].append((loss.item(), grad_norm.item(), skipped.item()))
-    assert trainers[0].graph is not None and trainers[1].graph is None
+    assert trainers[0].graph.captured and not trainers[1].graph.captured
     assert len({l for l, _, _ in losses[True]}) == 6  # the weights moved every step
     for (a, na, sa), (b, nb, sb) in zip(losses[True], losses[False]):
         assert a == pytest.approx(b, rel=1e-5) and na == pytest.approx(nb, rel=1e-5) and sa == sb == 0
@@ -90,7 +90,7 @@ def test_gpu_tensor_loader_draws_the_cpu_loaders_batches(randaugment):
     for device, compile_flag in (("cpu", "--no-compile"), ("cuda", "--compile")):
         _, config = asmae_minimal.parse_config(["--device", device, "--dataset", "fake", "--batch-size", "32",
                                                 compile_flag, *randaugment])
-        loader = asmae_minimal.TensorLoader(images, config)
+        loader = data.TensorLoader(images, config)
         assert loader.kernel == (device == "cuda")
         batches[device] = [tuple(t.cpu() for t in batch) for epoch in (0, 1) for batch in loader.epoch(epoch)]
     assert len(batches["cuda"]) == len(batches["cpu"]) == 6

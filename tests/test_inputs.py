@@ -5,29 +5,13 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import asmae_minimal
-from test_cli import cli, metrics, write_image_folder
+from conftest import cli, fails, metrics
+from workbench import cli as workbench_cli, files
 
 NO_DATA = ["--dataset", "folder", "--data-root", "/nonexistent"]  # checks that wait for the data fail on this
-
-
-def fails(capsys, argv, message):
-    """main(argv) exits 2 with one line on stderr that holds `message`."""
-    with pytest.raises(SystemExit) as exit_info:
-        asmae_minimal.main(["--device", "cpu", "--model", "tiny", *argv])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
-    assert "Traceback" not in err
-    return err
-
-
-@pytest.fixture
-def images(tmp_path):
-    return write_image_folder(tmp_path / "images", classes=2, per_class=40)  # 72 train images: 4 steps of 16
 
 
 @pytest.fixture
@@ -105,7 +89,7 @@ def test_wandb_without_a_login_says_how_and_leaves_no_folder(tmp_path, capsys, m
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     fails(capsys, ["--out-dir", str(tmp_path / "runs"), "--use-wandb", *NO_DATA], "WANDB_MODE=offline")
     (tmp_path / "no-netrc").write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
-    assert asmae_minimal.wandb_can_log()  # what `wandb login` writes
+    assert workbench_cli.wandb_can_log()  # what `wandb login` writes
     assert not (tmp_path / "runs").exists()
 
 
@@ -140,14 +124,6 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_resume_works(tmp_path, im
                                                                               "checkpoint_step00000008.pt"]
     assert [(l["type"], l["step"]) for l in metrics(run_dir)] == [
         ("step", 2), ("step", 4), ("epoch", 4), ("step", 6), ("step", 8), ("epoch", 8)]  # no record twice
-
-
-def test_an_oversized_image_is_skipped_and_counted(tmp_path, capsys, monkeypatch):
-    root = write_image_folder(tmp_path / "images", classes=2, per_class=10)
-    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(root / "class0" / "huge.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 64 x 64 > 2 x 1500: PIL's DecompressionBombError
-    images, labels = asmae_minimal.folder_images(str(root), train=True, size=32)
-    assert "skipped 1 unreadable file" in capsys.readouterr().out and len(images) == 18
 
 
 def test_resume_after_a_kill_logs_no_step_twice(tmp_path, images):
@@ -193,44 +169,6 @@ def test_first_run_rough_edges(tmp_path, images, capsys):
     assert "seeds data order, augmentation, masking and weights (default: 0)" in " ".join(capsys.readouterr().out.split())
 
 
-def test_loss_curves_plot_epoch_means_of_short_runs(tmp_path):
-    results = {"bf16": {0: {"curve": [], "epoch_curve": [(4, 0.9), (8, 0.7)]}},
-               "nvfp4": {0: {"curve": [(2, 1.0)], "epoch_curve": [(4, 1.0), (8, 0.8)]}}}
-    asmae_minimal.plot_loss_curves(results, "bf16", tmp_path / "curves.png")
-    with Image.open(tmp_path / "curves.png") as png:
-        pixels = np.asarray(png.convert("RGB")).reshape(-1, 3).astype(int)
-    for color in ((31, 119, 180), (255, 127, 14)):  # matplotlib's first two line colours: both lines drawn
-        assert (np.abs(pixels - color).sum(1) < 30).sum() > 50
-
-
-def test_compare_onto_a_training_runs_folder_says_so(tmp_path, images, capsys):
-    """Issue 33 item 10: it said the folder 'holds another comparison'."""
-    cli(tmp_path, "--dataset", "folder", "--data-root", str(images), "--epochs", "1", run_name="plain")
-    capsys.readouterr()
-    fails(capsys, ["--out-dir", str(tmp_path / "runs"), "--run-name", "plain", "--dataset", "folder", "--data-root",
-                   str(images), "--compare", "fp32", "--finetune-epochs", "0"], "is a training run's folder, not a comparison's")
-
-
-def test_folder_images_keep_their_range_and_the_loader_says_what_it_took(tmp_path, capsys):
-    """Issue 33 item 8: a 16-bit PNG came out 99.5 % white, a float TIFF all black, GIFs were
-    ignored, and with fewer than 10 images held-out metrics silently used the training images."""
-    root = tmp_path / "mixed"
-    root.mkdir()
-    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
-    Image.fromarray((ramp * 65535).astype(np.uint16)).save(root / "deep.png")  # mode I;16
-    Image.fromarray(ramp.astype(np.float32), mode="F").save(root / "float.tif")
-    Image.fromarray((ramp * 1000).astype(np.float32), mode="F").save(root / "radiance.tif")  # no range to take
-    Image.fromarray((ramp * 255).astype(np.uint8)).convert("P").save(root / "anim.gif")
-    (root / "notes.txt").write_text("not an image")
-    images, _ = asmae_minimal.folder_images(str(root), train=True, size=32)
-    out = capsys.readouterr().out
-    assert len(images) == 3  # the PNG, the [0, 1] TIFF, the GIF; the [0, 1000] TIFF skipped and counted
-    for image in images.float():
-        assert abs(image.mean().item() - 127.5) < 3  # the ramp's mean, in 8 bits
-    assert "4 images, 0 held out" in out and "held-out metrics use the training images" in out
-    assert "ignored 1 other files (.txt)" in out and "skipped 1 unreadable file(s)" in out
-
-
 def test_a_full_disk_without_a_file_name_and_eval_on_a_read_only_folder_are_one_line(tmp_path, images, capsys,
                                                                                       monkeypatch):
     """Issue 33 item 10: a disk filling while the grid was written said 'No space left on device:
@@ -248,6 +186,6 @@ def test_a_full_disk_without_a_file_name_and_eval_on_a_read_only_folder_are_one_
     _, run_dir = cli(tmp_path, "--dataset", "folder", "--data-root", str(images), "--epochs", "1")
     capsys.readouterr()
     monkeypatch.setattr(asmae_minimal, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking the folder"))
-    monkeypatch.setattr(asmae_minimal.tempfile, "TemporaryFile",
+    monkeypatch.setattr(files.tempfile, "TemporaryFile",
                         lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
     fails(capsys, ["--eval", str(run_dir)], "cannot write in")

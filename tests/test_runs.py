@@ -11,13 +11,8 @@ import pytest
 import torch
 
 import asmae_minimal
-from conftest import REPO
-from test_cli import cli, metrics, write_image_folder
-
-
-@pytest.fixture
-def images(tmp_path):
-    return write_image_folder(tmp_path / "images", classes=2, per_class=40)  # 72 train images: 4 steps of 16
+from conftest import REPO, cli, metrics
+from workbench import errors, files
 
 
 def run(tmp_path, images, *argv, run_name="run"):
@@ -81,7 +76,7 @@ def test_sigkill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     script = f"""
 import sys, time, torch
 sys.path.insert(0, {str(REPO)!r})
-from asmae_minimal import atomic_save
+from workbench.files import atomic_save
 atomic_save({{"w": torch.ones(1000)}}, __import__("pathlib").Path({str(path)!r}))
 def stalled_save(obj, f):
     f.write(b"PK\\x03\\x04" + b"x" * 4096)  # a zip archive cut short
@@ -98,7 +93,7 @@ atomic_save({{"w": torch.zeros(1000)}}, __import__("pathlib").Path({str(path)!r}
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(1000))
     partial = path.with_name(path.name + ".tmp")
     assert partial.exists()
-    with pytest.raises(asmae_minimal.UsageError, match="corrupt, truncated"):
+    with pytest.raises(errors.UsageError, match="corrupt, truncated"):
         asmae_minimal.load_checkpoint(partial)
 
 
@@ -145,8 +140,8 @@ def test_two_runs_one_folder_the_second_exits_2_naming_the_first(tmp_path, image
         first.wait()
     steps = [r["step"] for r in map(json.loads, metrics_file.read_text().splitlines()) if r.get("type") == "step"]
     assert steps == list(range(1, len(steps) + 1))  # one run's steps, once each
-    asmae_minimal.claim_folder(out / "same")  # the killed run's lock went with it
-    asmae_minimal.release_folders()
+    files.claim_folder(out / "same")  # the killed run's lock went with it
+    files.release_folders()
     assert (out / "same" / "config.json").exists() and not (out / "same" / ".lock").exists()
 
 
@@ -432,3 +427,21 @@ asmae_minimal.main({argv + ["--run-name", "killed"]!r})
         assert metrics(straight / cell) == metrics(killed / cell), cell
         assert (killed / cell / "recons" / "final_recon_ep0001.png").exists()
     assert (killed / "compare" / "recons.png").exists() and (killed / "compare" / "table.md").exists()
+
+
+def test_a_checkpoint_saved_before_the_precision_field_was_renamed_still_loads(tmp_path, images):
+    """Issue 32 renamed config.precision.name to config.precision.precision; a checkpoint written
+    before (its precision section holds 'name') loads to the same Config, and a bad value there is
+    refused with one line naming the field."""
+    _, run_dir = run(tmp_path, images, "--epochs", "1", "--precision", "nvfp4")
+    path = files.latest_checkpoint(run_dir)
+    ckpt = torch.load(path, weights_only=True)
+    _, config = asmae_minimal.load_checkpoint(path)
+    ckpt["config"]["precision"]["name"] = ckpt["config"]["precision"].pop("precision")
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    assert asmae_minimal.load_checkpoint(old)[1] == config and config.precision.precision == "nvfp4"
+    ckpt["config"]["precision"]["name"] = "fp5"
+    torch.save(ckpt, old)
+    with pytest.raises(errors.UsageError, match="config.precision.precision is 'fp5'"):
+        asmae_minimal.load_checkpoint(old)

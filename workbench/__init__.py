@@ -1,4 +1,17 @@
-"""What is not one training run: tools around asmae_minimal.py (imports nothing of it).
+"""What is not one training run: the tools around asmae_minimal.py. Nothing here imports the
+script; what a tool needs of it (a model, a precision, a train step, a function that trains a
+--compare cell) comes in as arguments, as facebookresearch/mae's engine files take theirs.
 
-    profile     --benchmark N --profile: where a step's GPU time goes, by kernel group
+    data          the images (CIFAR, a folder, fake) and the loaders; augment.py, augment_kernel.py
+    evaluate      held-out loss and PSNR, linear probe, kNN, fine-tuning (--eval, each sweep cell)
+    compare       the variants x seeds sweep (--compare) and its resume
+    report        the sweep's means, paired CIs (scipy), table, cells.csv and figures
+    benchmark     --benchmark N: step time, img/s, memory parts, MFU; profile: --profile's groups
+    kernel_bench  the quantization kernels at a model's GEMM shapes, with their achieved GB/s
+    schedule      the one learning-rate schedule (MAE's warm-up + cosine)
+    cli           flags from the Config's dataclass fields, number types, the device, Command
+    files         atomic writes, strict JSON, run folders and the lock that keeps runs apart
+    errors        UsageError (one line, exit 2), StopRequest / Interrupted (signals)
+
+Imports point one way: asmae_minimal -> workbench -> nvfp4.
 """

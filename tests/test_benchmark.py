@@ -1,9 +1,11 @@
 """workbench: --profile's kernel groups and per-step summary, kernel_bench's GEMM shapes (CPU)."""
 import pytest
+import torch
 
 import asmae_minimal
 from workbench.kernel_bench import layer_shapes
 from workbench.profile import kernel_group, report_lines, summarize
+from workbench import benchmark
 
 
 @pytest.mark.parametrize("name, group", [
@@ -49,3 +51,31 @@ def test_profile_needs_benchmark(capsys):
     with pytest.raises(SystemExit) as exit_info:
         asmae_minimal.main(["--profile", "--device", "cpu"])
     assert exit_info.value.code == 2 and "--profile needs --benchmark N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["fp32", "nvfp4"])
+def test_memory_parts_of_the_benchmark_report(precision):
+    """--benchmark's memory lines: parameters, gradients and AdamW's two moments (plus its step
+    counters) make the static part; the linear layers' saved copies are those of one forward."""
+    _, config = asmae_minimal.parse_config(["--device", "cpu", "--model", "tiny", "--precision", precision,
+                                            "--batch-size", "16", "--no-compile"])
+    step = asmae_minimal.TrainStep(config, torch.device("cpu"))
+    m = config.model
+    batch = (torch.randn(16, 3, m.img_size, m.img_size), torch.rand(16, m.num_patches))
+    step(*batch, 1e-4, 1)  # the optimizer's state exists after its first step
+    parts = benchmark.memory_parts(step, batch)
+    param_bytes = sum(p.numel() * 4 for p in step.model.parameters())
+    assert parts["params_gib"] * 2 ** 30 == parts["grads_gib"] * 2 ** 30 == param_bytes
+    counters = 4 * len(list(step.model.parameters()))
+    assert parts["optimizer_gib"] * 2 ** 30 == 2 * param_bytes + counters
+    assert parts["static_mem_gib"] == pytest.approx(parts["params_gib"] * 2 + parts["optimizer_gib"])
+    # every linear layer's x copy: tokens x in elements, kept as copy_bytes says
+    def tokens(name):  # the visible patches, then with the cls token; the decoder: every patch + cls
+        return 16 * (m.num_visible if name == "patch_embed" else m.num_visible + 1 if name.startswith(
+            ("blocks", "decoder_embed")) else m.num_patches + 1)
+    def copy_bytes(elements, quantized):  # NVFP4: TE's bytes (codes, E4M3 scales, amax); else fp32
+        return elements // 2 + elements // 16 + 4 if quantized else 4 * elements
+    gemms = step.model.gemms
+    assert parts["saved_x_gib"] * 2 ** 30 == sum(copy_bytes(tokens(name) * k, q) for name, k, _, q in gemms)
+    # W for dX: every layer but patch_embed (the pixels need no gradient); W^T copies are W's size
+    assert parts["saved_w_gib"] * 2 ** 30 == sum(copy_bytes(k * n, q) for name, k, n, q in gemms if name != "patch_embed")
