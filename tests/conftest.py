@@ -22,12 +22,15 @@ TE_REFERENCE_DIR = Path(os.environ.get("TE_REFERENCE_DIR", REPO / ".te_reference
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def run_python(code: str, env=None) -> str:
-    """Run code in a fresh interpreter (e.g. with TRITON_INTERPRET=1, which Triton reads at its
-    import); its stdout, or fail with the end of its stderr."""
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+def run_python(*codes: str, env=None) -> str:
+    """Run each code in a fresh interpreter (e.g. with TRITON_INTERPRET=1, which Triton reads at
+    its import), all at once (a CPU each); their stdouts, or fail with the end of a stderr."""
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for code in codes]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr[-3000:]
+    return "".join(stdout for stdout, _ in outputs)
 
 
 def _stub_te_modules(recipes_dir: Path) -> dict:

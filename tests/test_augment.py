@@ -32,7 +32,7 @@ for height, width, size in ((32, 32, 32), (32, 24, 40), (16, 16, 8)):
 
 
 def run_check(device: str, env=None):
-    stdout = run_python(CHECK.format(repo=str(REPO), device=device), env)
+    stdout = run_python(CHECK.format(repo=str(REPO), device=device), env=env)
     for size in (32, 40, 8):
         assert f"matches {size}" in stdout
 
