@@ -651,7 +651,9 @@ def resolve_precision(config: Config, device: torch.device) -> nvfp4.Precision:
     try:
         return nvfp4.Precision.resolve(p.precision, device, p.backend, p.amp, recipe, p.keep_high_precision)
     except nvfp4.BackendError as error:
-        raise UsageError(str(error)) from None
+        hint = ("use --backend emulated (or auto) to run the same recipe in PyTorch" if error.te_imports
+                else "install it on a Blackwell GPU machine (README: Transformer Engine)")
+        raise UsageError(f"--backend te: {error}; {hint}") from None
 
 
 def build_model(config: Config, device: torch.device, batch_per_rank: int) -> tuple:
@@ -823,7 +825,7 @@ class CUDAGraphed:
 class TrainStep:
     """One optimizer step of the MAE, called with a batch: model, optimizer, scaler, loss guard.
 
-    On one GPU with compile on (PyTorch backend, no GradScaler), the whole step (forward,
+    On one GPU with compile on (emulated layers, no GradScaler), the whole step (forward,
     backward, gradient norm, loss guard, fused AdamW) is captured in one CUDA graph after two
     warm-up steps and replayed: the host then launches one graph per step. With per-region
     graphs instead, the host still launches every region's graph and the optimizer's kernels,
@@ -908,18 +910,18 @@ class Progress:
     def add(self, loss, bad):
         """Count a step's loss unless the guard skipped it."""
         good = 1 - bad
-        for kind in ("interval", "epoch"):
-            self.sums[f"{kind}_loss"] += torch.nan_to_num(loss) * good
-            self.sums[f"{kind}_count"] += good
+        for span in ("interval", "epoch"):
+            self.sums[f"{span}_loss"] += torch.nan_to_num(loss) * good
+            self.sums[f"{span}_count"] += good
 
-    def take_mean(self, kind: str, world: int) -> Optional[float]:
+    def take_mean(self, span: str, world: int) -> Optional[float]:
         """The mean loss since the last take (over all ranks), None if the guard skipped every
         step; the sums start again from zero."""
-        total = torch.stack([self.sums[f"{kind}_loss"], self.sums[f"{kind}_count"]])
+        total = torch.stack([self.sums[f"{span}_loss"], self.sums[f"{span}_count"]])
         if world > 1:
             dist.all_reduce(total)
-        self.sums[f"{kind}_loss"].zero_()
-        self.sums[f"{kind}_count"].zero_()
+        self.sums[f"{span}_loss"].zero_()
+        self.sums[f"{span}_count"].zero_()
         count = total[1].item()
         return total[0].item() / count if count else None  # None: every step was skipped
 
@@ -971,19 +973,15 @@ class TrainingLoop:
 
     def _open_run_folder(self, resumed):
         """Rank 0: a new run's folder emptied (--overwrite) and its config.json written, now that
-        the run can start; a resumed run's metrics.jsonl cut back to its checkpoint's step, and
-        its summary so far read from it. Then the log opens (every rank: others write nothing)."""
+        the run can start; a resumed run's metrics.jsonl cut back to its checkpoint's step. Then the
+        log opens (every rank: the others write nothing)."""
         if self.rank == 0 and not resumed:
             make_run_dir(self.run_dir, self.config.run.overwrite)
             (self.run_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
         elif self.rank == 0 and not self.complete:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
         self.log = RunLog(self.run_dir, self.config, self.rank == 0)
-        self.summary = {"curve": [], "epoch_curve": [], "epoch_img_per_s": [], "run_dir": str(self.run_dir),
-                        "backend": self.train_step.precision.backend_name}
-        self.fp4_rows = {}
-        if resumed and self.rank == 0:
-            self._restore_summary()
+        self.fp4_rows, self.saved, self.warmup_s, self.peak_mem_gib = {}, None, None, None
 
     def _plan_precision_schedule(self):
         """--high-precision-from: the last step in the run's precision; a run resumed after it
@@ -1004,23 +1002,6 @@ class TrainingLoop:
             set_rng_state(ckpt["rng"], self.device)
         else:  # DDP ranks re-derive their RNG (used by stochastic rounding only) from seed, rank, step
             torch.manual_seed(seed_for(self.config.run.seed, self.rank, self.progress.step))
-
-    def _restore_summary(self):
-        """A resumed run's loss curves so far (and a finished run's final numbers and grid) from its
-        metrics.jsonl, so that its summary covers the whole run."""
-        path = self.run_dir / "metrics.jsonl"
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if record.get("type") == "step" and record.get("loss") is not None:
-                self.summary["curve"].append((record["step"], record["loss"]))
-            elif record.get("type") == "epoch":
-                self._add_epoch(record)
-        recon = self.run_dir / "recons" / f"final_recon_ep{self.config.optim.epochs:04d}.png"
-        if self.complete and recon.exists():
-            self.summary["recon"] = str(recon)
 
     def _announce(self, resume_changes, resumed):
         c, m, log = self.config, self.config.model, self.log
@@ -1052,21 +1033,21 @@ class TrainingLoop:
     def train(self) -> dict:
         """All epochs; a checkpoint every --save-every epochs and at the end; reconstructions."""
         if self.complete:
-            if self.rank == 0 and "recon" not in self.summary:  # stopped between the last checkpoint and grid
+            if self.rank == 0 and not self._final_grid_path().exists():  # stopped between checkpoint and grid
                 self._final_grid()
             self.log.close()
-            return self.summary
+            return self.summary()
         stop = StopRequest()
         stop.install()
         self.start_time, self.compiles_end = time.perf_counter(), {self.progress.step + COMPILE_STEPS}
-        if self.device.type == "cuda":  # the summary's peak is this run's (a sweep trains many in one process)
+        if self.device.type == "cuda":  # the peak is this run's (a sweep trains many in one process)
             torch.cuda.reset_peak_memory_stats(self.device)
         epochs, save_every = self.config.optim.epochs, self.config.run.save_every
         try:
             for epoch in range(self.progress.epoch, epochs):
                 self._epoch(epoch, stop)
                 if self.rank == 0 and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs):
-                    self.summary["checkpoint"] = str(self._checkpoint(epoch + 1, 0))
+                    self.saved = self._checkpoint(epoch + 1, 0)
             self._finish()
         except NonFiniteLossError as error:
             self.log.print(f"[stop] {error}. Last good checkpoint: {latest_checkpoint(self.run_dir) or 'none yet'}")
@@ -1075,8 +1056,19 @@ class TrainingLoop:
         finally:
             stop.restore()
         if stop.signal is not None:  # it came while the final checkpoint or grid was written: both were
-            raise Interrupted(stop.signal, self.summary.get("checkpoint"))
-        return self.summary
+            raise Interrupted(stop.signal, self.saved)
+        return self.summary()
+
+    def summary(self) -> dict:
+        """What the run reports (main's return; a --compare cell's record): its metrics.jsonl read
+        back (read_summary), the final grid, and what this process measured: the checkpoint it
+        saved last, its compile warm-up and peak memory."""
+        summary = read_summary(self.run_dir / "metrics.jsonl") if self.rank == 0 else {}
+        extra = {"checkpoint": self.saved and str(self.saved), "warmup_s": self.warmup_s,
+                 "peak_mem_gib": self.peak_mem_gib,
+                 "recon": str(self._final_grid_path()) if self.rank == 0 and self._final_grid_path().exists() else None}
+        return {**summary, "run_dir": str(self.run_dir), "backend": self.train_step.precision.backend_name,
+                **{key: value for key, value in extra.items() if value is not None}}
 
     def _epoch(self, epoch, stop):
         o, p, steps = self.config.optim, self.progress, len(self.loader)
@@ -1129,20 +1121,19 @@ class TrainingLoop:
                        f"(--high-precision-from {self.config.precision.high_precision_from:g})")
         if not resumed:
             self.log.metrics({"type": "precision", "step": first, "gemm": dtype})
-        self.summary["high_precision_from_step"] = first
 
     def _compiled(self):
         """The steps after a (re)compile have run: the compile workers stop (a recompile started
         them again; see stop_compile_workers), and the run's first such steps are its warm-up."""
         if self.config.run.compile:
             stop_compile_workers()
-        if "warmup_s" in self.summary:
+        if self.warmup_s is not None:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.summary["warmup_s"] = time.perf_counter() - self.start_time
+        self.warmup_s = time.perf_counter() - self.start_time
         what = "compile warm-up" if self.config.run.compile else "no compile"
-        self.log.print(f"[speed] first {COMPILE_STEPS} steps ({what}) took {self.summary['warmup_s']:.1f} s")
+        self.log.print(f"[speed] first {COMPILE_STEPS} steps ({what}) took {self.warmup_s:.1f} s")
 
     def _log_step(self, epoch, lr, grad_norm, img_per_s, imgs, noise) -> dict:
         self.train_step.guard.check()
@@ -1150,8 +1141,6 @@ class TrainingLoop:
                   "loss": self.progress.take_mean("interval", self.world), "lr": lr, "grad_norm": grad_norm.item(),
                   "skipped_steps": self.train_step.guard.skipped_steps(), "img_per_s": img_per_s}
         self.log.metrics(record)
-        if record["loss"] is not None:  # None: the guard skipped every step since the last record
-            self.summary["curve"].append((record["step"], record["loss"]))
         if self.config.precision.fp4_stats and self.rank == 0:
             rows = fp4_diagnostics(self.train_step, imgs, noise)
             self.log.metrics({"type": "fp4_stats", "step": self.progress.step, "layers": rows})
@@ -1172,18 +1161,6 @@ class TrainingLoop:
         speed = f"{record['img_per_s']:.0f} img/s" if seen else "no steps left to time"
         self.log.print(f"epoch {epoch + 1}/{self.config.optim.epochs}  {loss}  {speed}  {seconds:.1f} s"
                        f"{f'  skipped {skipped} step' + 's' * (skipped != 1) if skipped else ''}")
-        self._add_epoch(record)
-
-    def _add_epoch(self, record: dict):
-        """The summary's epoch curve, final loss and speed: the median epoch's img/s (an epoch
-        that compiles, or the one a precision schedule recompiles in, is an outlier); an epoch
-        without a loss (all skipped) or a speed (resumed at its end) adds neither."""
-        if record["loss"] is not None:
-            self.summary["epoch_curve"].append((record["step"], record["loss"]))
-            self.summary["final_loss"] = record["loss"]
-        if record.get("img_per_s") is not None:
-            self.summary["epoch_img_per_s"].append(record["img_per_s"])
-            self.summary["img_per_s"] = statistics.median(self.summary["epoch_img_per_s"])
 
     def _checkpoint(self, epoch, batch) -> Path:
         return save_checkpoint(self.train_step, self.config, self.run_dir, self.progress.state_dict(epoch, batch))
@@ -1198,19 +1175,21 @@ class TrainingLoop:
         self.log.close()
         raise Interrupted(sig, checkpoint)
 
+    def _final_grid_path(self) -> Path:
+        return self.run_dir / "recons" / f"final_recon_ep{self.config.optim.epochs:04d}.png"
+
     def _final_grid(self):
         png = save_reconstructions(self.train_step, self.config, self.heldout_split.images, self.run_dir,
-                                   f"final_recon_ep{self.config.optim.epochs:04d}")
-        self.summary["recon"] = str(png)
+                                   self._final_grid_path().stem)
         self.log.print(f"[final] reconstructions: {png} (rows: original | visible | reconstruction)")
 
     def _finish(self):
         if self.rank == 0:
             self._final_grid()
             if self.fp4_rows:
-                self.summary["fp4_stats"] = summarize_fp4(self.fp4_rows, self.log)
+                summarize_fp4(self.fp4_rows, self.log)
         if self.device.type == "cuda":
-            self.summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            self.peak_mem_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         self.log.close()
 
 
@@ -1249,8 +1228,8 @@ def rng_state(device):
 
 def set_rng_state(state, device):
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    algorithm, keys, *rest = state["numpy"]
+    np.random.set_state((algorithm, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -1292,6 +1271,35 @@ def truncate_metrics(path: Path, step: int):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+def read_summary(path: Path) -> dict:
+    """A run's record read back from its metrics.jsonl: the loss curves by logged step and by
+    epoch, the last epoch's loss, the median epoch's img/s (an epoch that compiles, or the one a
+    precision switch recompiles in, is an outlier; an epoch resumed at its end has none), the
+    step the precision schedule switched at, and the FP4 statistics' summary. A line cut short by
+    a kill is skipped."""
+    summary = {"curve": [], "epoch_curve": [], "epoch_img_per_s": []}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        record_type = record.get("type")
+        if record_type == "step" and record["loss"] is not None:  # None: the guard skipped every step since the last
+            summary["curve"].append((record["step"], record["loss"]))
+        elif record_type == "epoch" and record["loss"] is not None:
+            summary["epoch_curve"].append((record["step"], record["loss"]))
+            summary["final_loss"] = record["loss"]
+        if record_type == "epoch" and record.get("img_per_s") is not None:
+            summary["epoch_img_per_s"].append(record["img_per_s"])
+        elif record_type == "precision":
+            summary["high_precision_from_step"] = record["step"]
+        elif record_type == "fp4_summary":
+            summary["fp4_stats"] = record["layers"]
+    if summary["epoch_img_per_s"]:
+        summary["img_per_s"] = statistics.median(summary["epoch_img_per_s"])
+    return summary
 
 
 def load_checkpoint(path: Path) -> tuple:
@@ -1340,9 +1348,9 @@ def checkpoint_problem(ckpt: dict) -> Optional[str]:
         if not isinstance(values, dict):
             return f"config.{section} is missing"
         for f in fields(cls):
-            kinds = typing.get_args(f.type) or (f.type,)
-            if f.name in values and not any(fits.get(kind, lambda v: True)(values[f.name]) for kind in kinds):
-                expected = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            types = typing.get_args(f.type) or (f.type,)
+            if f.name in values and not any(fits.get(t, lambda v: True)(values[f.name]) for t in types):
+                expected = " or ".join("None" if t is type(None) else t.__name__ for t in types)
                 return f"config.{section}.{f.name} is {values[f.name]!r}; expected {expected}"
     precision = ckpt["config"]["precision"].get("precision")
     if precision not in (None, *nvfp4.PRECISIONS):

@@ -480,7 +480,7 @@ class LayerFactory:
     """
 
     def __init__(self, recipe: Optional[Recipe] = None, keep_high_precision=(),
-                 backend: str = "torch", eps: float = 1e-6):
+                 backend: str = "emulated", eps: float = 1e-6):
         self.recipe, self.keep, self.backend, self.eps = recipe, tuple(keep_high_precision), backend, eps
         self.gemms, self.names, self.matched = [], [], set()
 

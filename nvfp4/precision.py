@@ -18,7 +18,7 @@ DEFAULT_RECIPES = {"nvfp4": NVFP4Recipe(), "fp8": FP8Recipe()}
 class Precision:
     """name: fp32 | bf16 | fp8 | nvfp4, the GEMM format of the linear layers; recipe: its
     quantization recipe (None for fp32/bf16); backend: "te" (Transformer Engine's modules
-    under TE's autocast) or "torch" (PyTorch modules, the emulation for fp8/nvfp4);
+    under TE's autocast) or "emulated" (PyTorch modules, the emulation for fp8/nvfp4);
     backend_name and reason say which runs and why; amp_dtype: the autocast dtype of the
     activations, None without AMP. Build it with `resolve`."""
     name: str
@@ -44,7 +44,7 @@ class Precision:
         if recipe is not None and recipe.name != name:
             raise ValueError(f"a {recipe.name} recipe cannot run precision {name}")
         kind, label, reason = _select_backend(backend, name, recipe, device, te_import)
-        if name == "fp8" and kind == "torch" and backend == "auto" and native_fp8(device):
+        if name == "fp8" and kind == "emulated" and backend == "auto" and native_fp8(device):
             recipe = NativeFP8Recipe(**asdict(recipe))
             label = "FP8 GEMMs on FP8 tensor cores (torch._scaled_mm), TE's current scaling in PyTorch"
         amp_dtype = None
@@ -103,7 +103,7 @@ def _select_backend(requested: str, name: str, recipe, device, te_import):
     quantized = recipe is not None
     emulated = f"emulated {name.upper()} in PyTorch" if quantized else f"PyTorch {name}"
     if requested == "emulated" or (requested == "auto" and not quantized):
-        return "torch", emulated, "as asked" if requested == "emulated" else None
+        return "emulated", emulated, "as asked" if requested == "emulated" else None
     if requested not in ("auto", "te"):
         raise ValueError(f"backend must be auto, te or emulated, got {requested!r}")
     te, problem = te_import()
@@ -112,10 +112,8 @@ def _select_backend(requested: str, name: str, recipe, device, te_import):
         recipe = te_backend.RECIPE_NAME.get(name, "no quantization recipe")
         return "te", f"Transformer Engine {getattr(te, '__version__', '?')}, {recipe}", None
     if requested == "te":
-        hint = ("install it on a Blackwell GPU machine (README: Transformer Engine)" if te is None
-                else "use --backend emulated (or auto) to run the same recipe in PyTorch")
-        raise te_backend.BackendError(f"--backend te: {problem}; {hint}")
-    return "torch", emulated, problem
+        raise te_backend.BackendError(problem, te_imports=te is not None)
+    return "emulated", emulated, problem
 
 
 def compact_names(names) -> str:

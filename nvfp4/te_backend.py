@@ -17,7 +17,12 @@ RECIPE_NAME = {"nvfp4": "NVFP4BlockScaling", "fp8": "Float8CurrentScaling(HYBRID
 
 
 class BackendError(ValueError):
-    """--backend te cannot run here; the message says why and what to do."""
+    """Transformer Engine cannot run the recipe here: the message says why; te_imports, whether
+    TE itself imports (the fix is then another device or the emulation, else installing TE)."""
+
+    def __init__(self, problem: str, te_imports: bool):
+        super().__init__(problem)
+        self.te_imports = te_imports
 
 
 def import_te():

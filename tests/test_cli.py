@@ -57,7 +57,7 @@ BAD = {
     "schedule on bf16": (["--high-precision-from", "0.9"], "--high-precision-from applies to --precision fp8 and nvfp4"),
     "schedule range": (["--precision", "fp8", "--high-precision-from", "1"], "--high-precision-from must be in (0, 1)"),
     "override choice": (["--precision", "fp8", "--backward-override", "fp16"], "invalid choice"),
-    "backend te on cpu": (["--precision", "nvfp4", "--backend", "te", "--dataset", "fake"], "--backend te"),
+    "backend te on cpu": (["--precision", "nvfp4", "--backend", "te", "--dataset", "fake"], "--backend te: "),
     "nvfp4 shapes": (["--precision", "nvfp4", "--batch-size", "8", "--dataset", "fake"], "tokens per step M = 136"),
     "compare list": (["--compare", "bf16,bf16"], "--compare takes"),
     "compare precision": (["--compare", "bf16,int8"], "--compare variant 'int8': 'int8' is not a precision"),
@@ -211,7 +211,7 @@ def test_precision_object_describes_and_autocasts():
     import nvfp4
     p = nvfp4.Precision.resolve("nvfp4", torch.device("cpu"), amp=True, recipe=nvfp4.NVFP4Recipe(disable_rht=True),
                                 te_import=lambda: (None, "Transformer Engine is not installed"))
-    assert (p.backend, p.amp_dtype, p.recipe.disable_rht) == ("torch", torch.bfloat16, True)
+    assert (p.backend, p.amp_dtype, p.recipe.disable_rht) == ("emulated", torch.bfloat16, True)
     lines = p.describe([("a", 16, 16, True), ("b", 16, 16, False)])
     assert lines == ["backend: emulated NVFP4 in PyTorch (Transformer Engine is not installed)",
                      "nvfp4: 1 of 2 GEMM layers quantized (a); high precision: b",

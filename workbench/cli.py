@@ -93,18 +93,18 @@ def whole_number(text: str) -> int:
 def add_flag(group, f: dataclasses.Field, with_defaults: bool):
     kwargs = dict(f.metadata)
     name, off = kwargs.pop("flag", "--" + f.name.replace("_", "-")), kwargs.pop("off", None)
-    kind = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))
+    value_type = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))
     if with_defaults:
-        kwargs["default"] = ",".join(f.default) if kind is tuple else f.default  # a string default is parsed
+        kwargs["default"] = ",".join(f.default) if value_type is tuple else f.default  # a string default is parsed
     if off is not None:  # --x / --no-x, either or neither
         pair = group.add_mutually_exclusive_group()
         pair.add_argument(name, dest=f.name, action="store_const", const=True, **kwargs)
         pair.add_argument("--no-" + name[2:], dest=f.name, action="store_const", const=False, help=off)
-    elif kind is bool:
+    elif value_type is bool:
         group.add_argument(name, dest=f.name, action="store_true", **kwargs)
     else:
         types = {tuple: name_patterns, float: number, int: whole_number}
-        group.add_argument(name, dest=f.name, type=types.get(kind, kind), **kwargs)
+        group.add_argument(name, dest=f.name, type=types.get(value_type, value_type), **kwargs)
 
 
 def wandb_can_log() -> bool:

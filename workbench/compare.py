@@ -97,7 +97,7 @@ def compare_root(variants: tuple, seeds: tuple, finetune: Finetune) -> Path:
                                  f"--overwrite to replace it, or another --run-name")
             print(f"[compare] going on with {root}")
             return root
-    root = plan_run_dir(first, kind="compare")
+    root = plan_run_dir(first, what="compare")
     make_run_dir(root, first.run.overwrite)
     (root / "config.json").write_text(json.dumps(plan, indent=2))
     return root

@@ -129,14 +129,14 @@ RUN_FILES = (LOCK_FILE := ".lock", "config.json", "metrics.jsonl", "checkpoint_s
              "eval_*.json", "recons", "compare", "wandb", "cell.json", "cell_eval.json", "cell*.json.tmp")
 
 
-def plan_run_dir(config, kind: Optional[str] = None) -> Path:
+def plan_run_dir(config, what: Optional[str] = None) -> Path:
     """The run folder, claimed (claim_folder) before any data loads: OUT_DIR/RUN_NAME, which must
     be empty or, with --overwrite, a run folder of this program's; or a new OUT_DIR/dataset-model-
-    KIND-timestamp (KIND: the precision, or 'compare'). Its parent must take new folders."""
+    WHAT-timestamp (WHAT: the precision, or 'compare'). Its parent must take new folders."""
     r, out = config.run, Path(config.run.out_dir)
     if not r.run_name:
-        kind = kind or config.precision.precision
-        base = out / f"{config.data.dataset}-{config.model.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        what = what or config.precision.precision
+        base = out / f"{config.data.dataset}-{config.model.preset}-{what}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_writable(base)
         for n in itertools.count(1):  # an exclusive mkdir: two runs in one second take two names
             run_dir = base if n == 1 else base.with_name(f"{base.name}-{n}")
