@@ -7,24 +7,23 @@ NVFP4, FP8 or BF16, and see what 4-bit training costs: losses, pictures, speed, 
     python asmae_minimal.py --compare bf16,fp8,nvfp4,nvfp4:high-precision-from=0.9 --seeds 0,1,2 --epochs 20
 
 The sections follow the data:
-    config         flags -> one frozen Config (data, model, precision, optim, run), validated once
+    config         one frozen Config (data, model, precision, optim, run), a flag per field; parsed,
+                   resolved and validated once by workbench/cli.py
     data           (workbench/data.py: CIFAR / folder / fake images as uint8 tensors, the loaders)
     model          patchify, the ViT blocks, the MAE and its mask check
     precision      the linear layers in the run's precision (nvfp4.Precision), GEMM shape check
     train step     optimizer, schedule, compile, the loss guard; one optimizer step (CUDA graph)
     training loop  epochs, progress, logging, signals, the precision schedule, FP4 statistics
-    outputs        checkpoints, metrics.jsonl / W&B, reconstruction grids
+    outputs        checkpoints, metrics.jsonl / W&B and the summary read back from it, reconstruction grids
     workbench      what the workbench package runs with this script's pieces: --eval of a
                    checkpoint, --compare's training run of a cell, --benchmark's step
     main           distributed setup, dispatch, exit codes
 
-workbench/ holds what is not one training run (evaluate, compare, report, benchmark, profile,
-data, files: run folders and their lock); nvfp4/ the numerics. Neither imports this script.
+workbench/ holds what is not one training run (cli, data, evaluate, compare, report, benchmark,
+profile, files: run folders and their lock); nvfp4/ the numerics. Neither imports this script.
 """
-import argparse
 import dataclasses
 import errno
-import importlib.util
 import json
 import math
 import os
@@ -37,7 +36,7 @@ import typing
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
@@ -48,9 +47,8 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 import nvfp4
-from workbench import benchmark, compare
-from workbench.cli import (ArgumentParser, Command, HelpFormatter, add_flag, device_memory, flag, resolve_device,
-                           wandb_can_log)
+from workbench import benchmark, cli, compare
+from workbench.cli import flag
 from workbench.data import load_images, make_loader, plain_images, seed_for
 from workbench.errors import Interrupted, StopRequest, UsageError
 from workbench.evaluate import Finetune, evaluate, reconstruct
@@ -197,6 +195,8 @@ class Config:
     precision: PrecisionConfig
     optim: OptimConfig
     run: RunConfig
+    SECTIONS: ClassVar[dict] = SECTIONS  # what workbench.cli parses: a flag group per section
+    PRESETS: ClassVar[dict] = MODEL_PRESETS
 
     def get(self, key: str):
         return getattr(getattr(self, SECTION_OF[key]), key)
@@ -218,239 +218,12 @@ class Config:
         return cls(**{section: SECTIONS[section](**tuples(saved[section])) for section in SECTIONS})
 
 
-COMPARE_FINETUNE_EPOCHS = 5  # --compare's default fine-tuning evaluation (where the data has labels)
-# A resumed run must rebuild the same model on the same data.
-RESUME_CONFLICTS = ("preset", "img_size", "patch_size", "precision", "dataset", "norm_pix_loss")
-# PrecisionConfig's switches of one format: of NVFP4's recipe, of any quantized precision.
-NVFP4_ONLY = ("disable_rht", "disable_stochastic_rounding", "disable_2d_quantization", "row_scaled_activation",
-              "nvfp4_4over6", "nvfp4_4over6_e4m3_use_256", "nvfp4_4over6_err_mode", "fp4_stats")
-QUANTIZED_ONLY = ("backward_override", "high_precision_from")
-PRECISION_DEFAULTS = {f.name: f.default for f in fields(PrecisionConfig)}
-
-
-def flag_of(name: str) -> str:
-    """The command-line flag of a config field."""
-    f = next(f for cls in SECTIONS.values() for f in fields(cls) if f.name == name)
-    return f.metadata.get("flag", "--" + name.replace("_", "-"))
-
-
-def listed(flags: list) -> str:
-    """'--a applies' or '--a, --b apply'."""
-    return f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'}"
-
-
-def switches_set(values, names) -> list:
-    """The flags among `names` whose PrecisionConfig value (values: a dict or the config) is not
-    the default."""
-    get = values.get if isinstance(values, dict) else lambda name: getattr(values, name)
-    return [flag_of(name) for name in names if get(name) != PRECISION_DEFAULTS[name]]
-
-
-def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
-    """The CLI: one group per Config section (and the Command), one flag per field with a help.
-    with_defaults=False leaves the flags not given out of the namespace (to see what was)."""
-    p = ArgumentParser(prog="asmae_minimal.py", description=__doc__.split("\n\n")[0],
-                       formatter_class=HelpFormatter,
-                       argument_default=None if with_defaults else argparse.SUPPRESS)
-    for title, cls in (*SECTIONS.items(), ("what to run", Command)):
-        group = p.add_argument_group(title)
-        for f in fields(cls):
-            if "help" in f.metadata:
-                add_flag(group, f, with_defaults)
-    return p
-
-
 def parse_config(argv=None) -> tuple:
-    """argv -> (Command, Config), parsed and resolved once. The Config is validated, and for
-    --compare Command.variants holds one validated Config per precision (the first is returned
-    too); for --resume and --eval, resume_config merges the flags given into the checkpoint's
-    Config and validates that."""
-    ns = vars(build_parser().parse_args(argv))
-    explicit = frozenset(vars(build_parser(with_defaults=False).parse_args(argv)))
-    command = Command(**{f.name: ns[f.name] for f in fields(Command) if f.name in ns}, explicit=explicit)
-    modes = command.modes()
-    if len(modes) > 1:
-        raise UsageError(f"--{modes[0]} and --{modes[1]} do not go together")
-    if command.benchmark is not None and command.benchmark <= 0:
-        raise UsageError(f"--benchmark must be positive, got {command.benchmark}")
-    if command.benchmark_synthetic and command.benchmark is None:
-        raise UsageError("--benchmark-synthetic needs --benchmark N")
-    if command.profile and command.benchmark is None:
-        raise UsageError("--profile needs --benchmark N")
-    if command.seeds is not None and command.compare is None:
-        raise UsageError("--seeds needs --compare (a single run takes --seed)")
-    finetune_given = {"finetune_epochs", "finetune_precision"} & explicit
-    if finetune_given and command.mode not in ("eval", "compare"):
-        raise UsageError(f"--{sorted(finetune_given)[0].replace('_', '-')} goes with --eval or --compare")
-    if command.finetune_epochs is not None and command.finetune_epochs < 0:
-        raise UsageError(f"--finetune-epochs must be >= 0, got {command.finetune_epochs}")
-    if command.finetune_epochs is None:
-        command = dataclasses.replace(command, finetune_epochs=COMPARE_FINETUNE_EPOCHS if command.mode == "compare" else 0)
-    device = resolve_device(ns["device"])
-    if command.mode in ("resume", "eval"):
-        return command, resolve_config(ns, ns["precision"], device, explicit)
-    if command.mode != "compare":
-        return command, validate(resolve_config(ns, ns["precision"], device, explicit))
-    labels = compare.split_variants(command.compare)
-    if not labels or len(set(labels)) < len(labels):
-        raise UsageError(f"--compare takes a comma-separated list of distinct variants (a precision from "
-                         f"{', '.join(nvfp4.PRECISIONS)}, then :switch or :switch=value, e.g. nvfp4:no-rht), "
-                         f"got {command.compare!r}")
-    precisions = [label.split(":")[0] for label in labels]
-    if "nvfp4" not in precisions and switches_set(ns, NVFP4_ONLY):
-        raise UsageError(f"{listed(switches_set(ns, NVFP4_ONLY))} to nvfp4, which --compare does not list")
-    seeds = compare.parse_seeds(command.seeds, ns["seed"])
-    variants = tuple(compare.Variant(label, parse_variant(label, ns, device, explicit)) for label in labels)
-    for i, (label, config) in enumerate(variants):
-        same = next((other for other, c in variants[:i] if c == config), None)
-        if same is not None:
-            raise UsageError(f"--compare variants {same!r} and {label!r} are the same configuration; drop one")
-    return dataclasses.replace(command, variants=variants, sweep_seeds=seeds), variants[0].config
-
-
-def parse_variant(label: str, ns: dict, device: torch.device, explicit=frozenset()) -> Config:
-    """'nvfp4:no-rht:nvfp4-4over6=all' -> the Config of precision nvfp4 with those flags (any flag
-    of the precision section but --precision, named without --) on top of the command line's."""
-    precision, *switches = label.split(":")
-    if precision not in nvfp4.PRECISIONS:
-        raise UsageError(f"--compare variant {label!r}: {precision!r} is not a precision ({', '.join(nvfp4.PRECISIONS)})")
-    allowed = {flag_of(f.name) for f in fields(PrecisionConfig) if f.name != "precision"} | {"--no-amp"}
-    argv = []
-    for switch in switches:
-        key, has_value, value = switch.partition("=")
-        if "--" + key not in allowed:
-            raise UsageError(f"--compare variant {label!r}: {key!r} is not a precision switch (one of "
-                             f"{', '.join(sorted(k[2:] for k in allowed))})")
-        argv += ["--" + key] + ([value] if has_value else [])
-    parser = build_parser(with_defaults=False)
-
-    def error(message):
-        raise UsageError(f"--compare variant {label!r}: {message}")
-    parser.error = error
-    given = vars(parser.parse_args(argv))
-    try:
-        config = validate(resolve_config({**variant_flags(ns, precision), **given}, precision, device,
-                                         explicit | set(given)))
-        # the model's own checks (layer patterns, GEMM shapes) before the first cell trains: on the
-        # meta device, which allocates nothing, with the emulated layers (TE's have the same names)
-        build_model(config.replace(backend="emulated"), torch.device("meta"), config.optim.batch_size)
-        return config
-    except UsageError as problem:
-        raise UsageError(f"--compare variant {label!r}: {problem}") from None
-
-
-def variant_flags(ns: dict, precision: str) -> dict:
-    """The flags of one --compare precision: bf16 always runs under AMP and fp32 without (as
-    their own defaults), the NVFP4 switches apply to nvfp4 alone, the quantized ones to fp8 and
-    nvfp4."""
-    reset = (() if precision == "nvfp4" else NVFP4_ONLY) + (QUANTIZED_ONLY if precision in ("bf16", "fp32") else ())
-    ns = dict(ns, amp=None) if precision in ("bf16", "fp32") else ns
-    return dict(ns, **{key: PRECISION_DEFAULTS[key] for key in reset})
-
-
-def resolve_config(ns: dict, precision: Optional[str], device: torch.device, explicit=frozenset()) -> Config:
-    """One run's Config from the parsed flags, with the per-device defaults filled: AMP and
-    compile on GPUs, bf16 with AMP (else fp32), batch 256 on GPUs (32 on CPUs), and the recipe
-    switches that TE 2.20 takes from NVTE_* environment variables, where no flag (`explicit`:
-    the dests given) set them."""
-    on_gpu = device.type == "cuda"
-    amp = ns["amp"]
-    precision = precision or ("bf16" if (on_gpu if amp is None else amp) else "fp32")
-    amp = {"bf16": True, "fp32": False}.get(precision, on_gpu) if amp is None else amp
-    batch = ns["batch_size"] if ns["batch_size"] is not None else (256 if on_gpu else 32)
-    try:
-        environment = {key: found for key, found in nvfp4.recipe_environment(precision).items() if key not in explicit}
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-    def section(cls, **resolved):
-        return cls(**{**{f.name: ns[f.name] for f in fields(cls) if f.name in ns}, **resolved})
-
-    return Config(
-        data=section(DataConfig), model=section(MAEConfig, **MODEL_PRESETS[ns["preset"]]),
-        precision=section(PrecisionConfig, precision=precision, amp=amp, **{key: value for key, (value, _) in environment.items()},
-                          from_environment=tuple(source for _, source in environment.values())),
-        optim=section(OptimConfig, batch_size=batch),
-        run=section(RunConfig, device=str(device), compile=on_gpu if ns["compile"] is None else ns["compile"]))
-
-
-def validate(config: Config) -> Config:
-    """Every check of a run's Config, in one place; raises UsageError naming the flag."""
-    d, m, p, o, r = config.data, config.model, config.precision, config.optim, config.run
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    checks = [
-        (o.epochs > 0, f"--epochs must be positive, got {o.epochs}"),
-        (o.batch_size > 0, f"--batch-size must be positive, got {o.batch_size}"),
-        (o.batch_size % world == 0, f"--batch-size {o.batch_size} does not split over {world} processes"),
-        (0 < m.mask_ratio < 1, f"--mask-ratio must be in (0, 1), got {m.mask_ratio}"),
-        (m.patch_size > 0 and m.img_size > 0, "--img-size and --patch-size must be positive"),
-        (m.patch_size <= 0 or m.img_size % m.patch_size == 0,  # positivity is reported above
-         f"--img-size {m.img_size} is not divisible by --patch-size {m.patch_size}"),
-        (o.blr > 0, f"--blr must be positive, got {o.blr}"),
-        (o.lr is None or o.lr > 0, f"--lr must be positive, got {o.lr}"),
-        (o.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {o.warmup_epochs}"),
-        (o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}"),
-        (0 <= d.num_workers <= 4 * (os.cpu_count() or 1),
-         f"--num-workers must be in [0, {4 * (os.cpu_count() or 1)}] (4 per core here), got {d.num_workers}"),
-        (r.out_dir.strip() != "", "--out-dir is empty; name a folder (the default is runs)"),
-        (r.log_every > 0 and r.save_every > 0 and r.keep_last > 0 and r.max_bad_steps > 0,
-         "--log-every, --save-every, --keep-last and --max-bad-steps must be positive"),
-        (p.precision != "bf16" or p.amp, "--precision bf16 runs under AMP; drop --no-amp or use --precision fp32"),
-        (p.precision != "fp32" or not p.amp, "--precision fp32 runs without AMP; drop --amp or use --precision bf16"),
-        (not switches_set(p, NVFP4_ONLY) or p.precision == "nvfp4",
-         f"{listed(switches_set(p, NVFP4_ONLY))} to --precision nvfp4 only"),
-        (not switches_set(p, QUANTIZED_ONLY) or p.precision in ("fp8", "nvfp4"),
-         f"{listed(switches_set(p, QUANTIZED_ONLY))} to --precision fp8 and nvfp4 only"),
-        (p.high_precision_from is None or 0 < p.high_precision_from < 1,
-         f"--high-precision-from must be in (0, 1), got {p.high_precision_from}"),
-        (not (p.nvfp4_4over6 in ("activations", "all") and not p.disable_rht),
-         f"--nvfp4-4over6 {p.nvfp4_4over6} needs --no-rht: the input's quantizer applies RHT, and TE 2.20 has no "
-         f"RHT + 4over6 quantization"),
-        (0 <= r.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {r.seed}"),
-        (not r.use_wandb or importlib.util.find_spec("wandb") is not None,
-         "--use-wandb: wandb is not installed (pip install wandb), or drop --use-wandb"),
-        (not r.use_wandb or wandb_can_log(), "--use-wandb: not logged in to W&B (set WANDB_API_KEY or run "
-                                             "`wandb login`), or log offline with WANDB_MODE=offline"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    if m.num_patches < 2:
-        raise UsageError(f"--img-size {m.img_size} / --patch-size {m.patch_size} gives {m.num_patches} patch; "
-                         f"MAE masks some patches and sees the rest: take a smaller --patch-size")
-    if not 0 < m.num_visible < m.num_patches:
-        raise UsageError(f"--mask-ratio {m.mask_ratio} leaves {m.num_visible} of {m.num_patches} patches visible")
-    batch_bytes = 4 * (o.batch_size // world) * (3 * m.img_size ** 2 + m.num_patches)  # a lower bound
-    on_gpu = r.device.startswith("cuda")
-    if batch_bytes > device_memory(r.device):
-        raise UsageError(f"--img-size {m.img_size} at --batch-size {o.batch_size}: one batch's images and masking "
-                         f"noise alone take {batch_bytes / 2 ** 30:,.1f} GiB in fp32, more than the "
-                         f"{device_memory(r.device) / 2 ** 30:,.1f} GiB of {'this GPU' if on_gpu else 'this machine'}")
-    if r.run_name is not None:
-        check_run_name(r.run_name, r.out_dir)
-    return config
-
-
-def resume_config(saved: Config, cli: Config, explicit) -> tuple:
-    """A checkpoint's Config with the flags given on this command line applied (the device
-    always: a run may move), and the list of changes. Changes to the model, the data or the
-    precision are refused, and so are other run folders: the checkpoint's is the run's."""
-    flags = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
-    changes, updates = [], {"device": cli.run.device}
-    for key in sorted(explicit - {f.name for f in fields(Command)}):
-        old, new = saved.get(key), cli.get(key)
-        if old == new:
-            continue
-        name = flags[key][2:].replace("-", "_")  # as the flag reads: precision, not the field's name
-        if key in RESUME_CONFLICTS:
-            raise UsageError(f"{flags[key]} {new} conflicts with the checkpoint ({name}={old}); a resumed run "
-                             f"keeps its model, data and precision")
-        if key in ("out_dir", "run_name", "overwrite"):
-            raise UsageError(f"{flags[key]}: --resume and --eval stay in the checkpoint's own folder; drop "
-                             f"{flags[key]}")
-        changes.append(f"{name} {old} -> {new}")
-        updates[key] = new
-    return validate(saved.replace(**updates)), changes
+    """argv -> (Command, Config): parsed, resolved (per-device defaults) and validated once, by
+    workbench.cli from the sections above; --compare's variants each build their model on the
+    meta device first (check_model), --resume and --eval merge the flags given into the
+    checkpoint's Config (cli.resume_config)."""
+    return cli.parse_config(argv, Config, check_model, description=__doc__.split("\n\n")[0])
 
 
 # ============================================================================= data
@@ -669,6 +442,13 @@ def build_model(config: Config, device: torch.device, batch_per_rank: int) -> tu
                              f"{nvfp4.compact_names(layers.names)}")
         check_gemm_shapes(model, precision.recipe, batch_per_rank)
     return model, precision
+
+
+def check_model(config: Config):
+    """A --compare variant's model checks (layer patterns, GEMM shapes) before the first cell
+    trains: built on the meta device, which allocates nothing, with the emulated layers (TE's
+    have the same names)."""
+    build_model(config.replace(backend="emulated"), torch.device("meta"), config.optim.batch_size)
 
 
 def check_gemm_shapes(model: MAE, recipe, batch_per_rank: int):
@@ -1449,11 +1229,11 @@ def save_reconstructions(train_step: TrainStep, config: Config, heldout_images, 
 
 # ============================================================================= workbench
 
-def run_eval(path: str, cli: Config, explicit, finetune: Finetune) -> dict:
+def run_eval(path: str, given: Config, explicit, finetune: Finetune) -> dict:
     """--eval CKPT: rebuild the checkpoint's model, evaluate it, write eval_<ckpt>.json beside it."""
     path = find_checkpoint(path, "--eval")
     ckpt, saved = load_checkpoint(path)
-    config, _ = resume_config(saved, cli, explicit)  # this device; e.g. another --data-root
+    config, _ = cli.resume_config(saved, given, explicit)  # this device; e.g. another --data-root
     device = torch.device(config.run.device)
     out = path.with_name(f"eval_{path.stem}.json")
     check_writable(out.parent)  # before the evaluation, not after it
@@ -1532,7 +1312,7 @@ def main(argv=None):
         if command.mode == "resume":
             path = find_checkpoint(command.resume, "--resume")
             ckpt, saved = load_checkpoint(path)
-            config, changes = resume_config(saved, config, command.explicit)
+            config, changes = cli.resume_config(saved, config, command.explicit)
             run_dir = path.parent
         return TrainingLoop(config, rank, world, run_dir, ckpt, changes).train()
     except UsageError as error:

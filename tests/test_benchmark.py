@@ -1,4 +1,5 @@
-"""workbench: --profile's kernel groups and per-step summary, kernel_bench's GEMM shapes (CPU)."""
+"""workbench/benchmark.py, profile.py, kernel_bench.py on CPU: the memory parts, --profile's kernel
+groups and per-step summary, kernel_bench's GEMM shapes."""
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
-"""The training CLI end to end on CPU: data fixtures in CIFAR's on-disk format, outputs, bad inputs."""
+"""workbench/cli.py and the script end to end on CPU: the config (frozen, resolved once, round trip,
+resume merge, --compare variants, TE's environment), a run on CIFAR's on-disk format, bad inputs."""
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from PIL import Image
 
 import asmae_minimal
 from conftest import cli, metrics
-from workbench import errors
+from workbench import cli as workbench_cli, errors
 
 
 # ---- model pieces -----------------------------------------------------------------------------
@@ -105,8 +106,8 @@ def test_offline_cifar_says_where_to_put_the_archive(tmp_path, capsys, monkeypat
 
 
 def test_wandb_missing_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    real = asmae_minimal.importlib.util.find_spec
-    monkeypatch.setattr(asmae_minimal.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    real = workbench_cli.importlib.util.find_spec
+    monkeypatch.setattr(workbench_cli.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
     with pytest.raises(SystemExit) as exit_info:
         cli(tmp_path, "--use-wandb", "--dataset", "fake")
     assert exit_info.value.code == 2 and "pip install wandb" in capsys.readouterr().err
@@ -118,7 +119,7 @@ def test_help_documents_every_flag_and_readme_points_to_it(capsys):
         asmae_minimal.main(["--help"])
     help_text = capsys.readouterr().out
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    actions = [a for a in asmae_minimal.build_parser()._actions if a.option_strings and "--help" not in a.option_strings]
+    actions = [a for a in workbench_cli.build_parser(asmae_minimal.Config)._actions if a.option_strings and "--help" not in a.option_strings]
     assert len(actions) > 40
     for action in actions:
         assert all(opt in help_text for opt in action.option_strings) and action.help, action.option_strings
@@ -180,12 +181,12 @@ def test_compare_variants_resolve_their_own_amp_and_switches():
 def test_resume_config_applies_given_flags_and_refuses_conflicts():
     _, saved = asmae_minimal.parse_config(["--device", "cpu", "--epochs", "2"])
     command, cli = asmae_minimal.parse_config(["--device", "cpu", "--resume", "x", "--epochs", "4", "--blr", "3e-4"])
-    merged, changes = asmae_minimal.resume_config(saved, cli, command.explicit)
+    merged, changes = workbench_cli.resume_config(saved, cli, command.explicit)
     assert (merged.optim.epochs, merged.optim.blr, merged.optim.peak_lr) == (4, 3e-4, 3e-4 * 32 / 256)
     assert changes == ["blr 0.00015 -> 0.0003", "epochs 2 -> 4"]
     command, cli = asmae_minimal.parse_config(["--device", "cpu", "--resume", "x", "--precision", "nvfp4"])
     with pytest.raises(errors.UsageError, match="--precision nvfp4 conflicts with the checkpoint"):
-        asmae_minimal.resume_config(saved, cli, command.explicit)
+        workbench_cli.resume_config(saved, cli, command.explicit)
 
 
 RUNS_IN_ONE_PROCESS = {"compare": ["--compare", "bf16"], "eval": ["--eval", "runs"], "benchmark": ["--benchmark", "5"]}

@@ -11,7 +11,7 @@ from PIL import Image
 
 import asmae_minimal
 from conftest import cli, fails, write_image_folder
-from workbench import compare, evaluate, files, report
+from workbench import cli as workbench_cli, compare, evaluate, files, report
 
 
 def test_compare_sweep_reports_means_paired_cis_and_figures(tmp_path):
@@ -96,7 +96,7 @@ def test_a_zero_reference_and_nan_weights_are_said_not_written_as_nan(tmp_path, 
     """Issue 33 item 9: a reference metric of 0 gave '+nan%' and NaN in results.json (strict JSON
     parsers reject it); --eval of NaN weights reported accuracies of NaN features."""
     config = asmae_minimal.parse_config(["--device", "cpu", "--model", "tiny"])[1]
-    variants = (compare.Variant("fp32", config), compare.Variant("nvfp4", config))
+    variants = (workbench_cli.Variant("fp32", config), workbench_cli.Variant("nvfp4", config))
     results = {"fp32": {0: {"final_loss": 0.0}, 1: {"final_loss": 0.0}},
                "nvfp4": {0: {"final_loss": 0.1, "knn_acc": float("nan")}, 1: {"final_loss": 0.2, "knn_acc": 0.5}}}
     summary = report.compare_report(results, variants, (0, 1))

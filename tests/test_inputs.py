@@ -83,7 +83,7 @@ def test_unwritable_outputs_and_bad_numbers_fail_before_the_data_loads(tmp_path,
 
 
 def test_wandb_without_a_login_says_how_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(asmae_minimal.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(workbench_cli.importlib.util, "find_spec", lambda name: object())
     for variable in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))

@@ -1,18 +1,20 @@
-"""Runs that survive: bitwise resume, signals, atomic checkpoints, corrupt inputs, NaN guard."""
+"""Runs that survive (the script's loop and outputs, workbench/files.py): bitwise resume, signals,
+atomic checkpoints, corrupt inputs, the NaN guard, the folder lock, the precision schedule, W&B."""
 import os
 import json
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import asmae_minimal
-from conftest import REPO, cli, metrics
-from workbench import errors, files
+from conftest import REPO, cli, metrics, write_image_folder
+from workbench import cli as workbench_cli, errors, files
 
 
 def run(tmp_path, images, *argv, run_name="run"):
@@ -445,3 +447,17 @@ def test_a_checkpoint_saved_before_the_precision_field_was_renamed_still_loads(t
     torch.save(ckpt, old)
     with pytest.raises(errors.UsageError, match="config.precision.precision is 'fp5'"):
         asmae_minimal.load_checkpoint(old)
+
+
+def test_wandb_receives_the_metrics(tmp_path, monkeypatch):
+    logged, inits = [], []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: inits.append(kwargs) or types.SimpleNamespace(
+        log=lambda data, step=None: logged.append((step, data)), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(workbench_cli.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=20)
+    cli(tmp_path, "--dataset", "folder", "--data-root", str(data), "--epochs", "1", "--use-wandb", run_name="wb")
+    assert inits[0]["project"] == "nvfp4-mae" and inits[0]["config"]["dataset"] == "folder"
+    assert any("step/loss" in data for _, data in logged) and any("epoch/loss" in data for _, data in logged)

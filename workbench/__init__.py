@@ -9,7 +9,8 @@ script; what a tool needs of it (a model, a precision, a train step, a function 
     benchmark     --benchmark N: step time, img/s, memory parts, MFU; profile: --profile's groups
     kernel_bench  the quantization kernels at a model's GEMM shapes, with their achieved GB/s
     schedule      the one learning-rate schedule (MAE's warm-up + cosine)
-    cli           flags from the Config's dataclass fields, number types, the device, Command
+    cli           argv -> (Command, Config): flags from the Config's fields, validated once;
+                  --compare's variants, a resumed run's changes, the device
     files         atomic writes, strict JSON, run folders and the lock that keeps runs apart
     errors        UsageError (one line, exit 2), StopRequest / Interrupted (signals)
 

@@ -4,57 +4,20 @@ evaluated; a rerun with the same arguments skips finished cells and resumes an i
 The report (workbench.report) is written once every cell is done."""
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import re
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple, Optional
 
 import torch
 
-import nvfp4
 from workbench import report
-from workbench.cli import whole_number
 from workbench.errors import Interrupted, StopRequest, UsageError
 from workbench.evaluate import Finetune, evaluate
 from workbench.files import (atomic_write_text, claim_folder, make_run_dir, plan_run_dir,
                              strict_json)
-
-
-def split_variants(text: str) -> list:
-    """'bf16,nvfp4:keep-high-precision=patch_embed,blocks.5.*' -> ['bf16', 'nvfp4:keep-high-precision=
-    patch_embed,blocks.5.*']: after a variant's last switch keep-high-precision=..., the pieces
-    that are no precision (and have no switches) are more of its comma-separated patterns."""
-    variants = []
-    for piece in text.split(","):
-        pattern_list = variants and variants[-1].rpartition(":")[2].startswith("keep-high-precision=")
-        if pattern_list and ":" not in piece and piece not in nvfp4.PRECISIONS:
-            variants[-1] += "," + piece
-        elif piece:
-            variants.append(piece)
-    return variants
-
-
-class Variant(NamedTuple):
-    """One --compare variant: its text (the report's name for it) and its validated Config."""
-    label: str
-    config: object  # the script's Config
-
-
-def parse_seeds(text: Optional[str], seed: int) -> tuple:
-    """--seeds 0,1,2 -> (0, 1, 2); without it, (--seed,)."""
-    if text is None:
-        return (seed,)
-    try:
-        seeds = tuple(whole_number(s) for s in text.split(","))
-    except argparse.ArgumentTypeError:
-        raise UsageError(f"--seeds takes comma-separated integers, got {text!r}") from None
-    if len(set(seeds)) < len(seeds) or not all(0 <= s < 2 ** 32 for s in seeds):
-        raise UsageError(f"--seeds must be distinct integers in [0, 2^32), got {text!r}")
-    return seeds
 
 
 def run_compare(variants: tuple, seeds: tuple, finetune: Finetune, train) -> dict:
@@ -138,4 +101,3 @@ def run_cell(root: Path, label: str, config, finetune: Finetune, train) -> dict:
     summary.update(variant=label, seed=config.run.seed, cell_wall_s=time.perf_counter() - start)
     atomic_write_text(done, strict_json(summary, default=str))  # a kill mid-write leaves no half cell.json
     return json.loads(done.read_text())
-
