@@ -1,22 +1,32 @@
 """Run folders and the files in them: atomic writes, strict JSON, the folder lock that keeps two
-runs out of one folder, and where checkpoints are. Nothing here writes outside --out-dir."""
+runs out of one folder; checkpoints (saved atomically, read as untrusted input: every field
+checked), metrics.jsonl cut back for a resume and read back as the run's summary. Nothing here
+writes outside --out-dir."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import fnmatch
 import itertools
 import json
 import math
 import os
+import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+import typing
+import warnings
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
+import nvfp4
 from workbench.errors import UsageError
 
 
@@ -242,4 +252,167 @@ def make_run_dir(run_dir: Path, overwrite: bool):
         for entry in run_dir.iterdir():
             if entry.name != LOCK_FILE:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+def rng_state(device):
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    algorithm, keys, *rest = state["numpy"]
+    np.random.set_state((algorithm, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(train_step, config, run_dir: Path, progress: dict) -> Path:
+    """model, optimizer, scaler, loss guard, progress (epoch, batch, step, running sums), config, RNG,
+    and whether the precision schedule has switched the linear layers to high precision."""
+    t = train_step
+    state = {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+             "scaler": t.scaler.state_dict() if t.scaler else None, "guard": t.guard.state_dict(),
+             "progress": progress, "config": asdict(config), "rng": rng_state(t.device),
+             "unquantized": t.unquantized}
+    path = run_dir / f"checkpoint_step{progress['step']:08d}.pt"
+    try:
+        atomic_save(state, path)
+    except OSError as error:
+        last = latest_checkpoint(run_dir)  # path itself was not written
+        why = "no space left on device" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror
+        raise UsageError(f"{why} writing {path}; the last good checkpoint is {last or 'none'}"
+                         f"{f' (--resume {run_dir})' if last else ''}") from None
+    for old in checkpoints(run_dir)[:-config.run.keep_last]:
+        old.unlink()
+    return path
+
+
+def truncate_metrics(path: Path, step: int):
+    """Drop metrics.jsonl's records after `step`, where a resumed run starts: a run killed after
+    its last checkpoint had logged them, and the resumed run logs them again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", math.inf) <= step:  # fp4_summary (the run's end) has no step
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def read_summary(path: Path) -> dict:
+    """A run's record read back from its metrics.jsonl: the loss curves by logged step and by
+    epoch, the last epoch's loss, the median epoch's img/s (an epoch that compiles, or the one a
+    precision switch recompiles in, is an outlier; an epoch resumed at its end has none), the
+    step the precision schedule switched at, and the FP4 statistics' summary. A line cut short by
+    a kill is skipped."""
+    summary = {"curve": [], "epoch_curve": [], "epoch_img_per_s": []}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        record_type = record.get("type")
+        if record_type == "step" and record["loss"] is not None:  # None: the guard skipped every step since the last
+            summary["curve"].append((record["step"], record["loss"]))
+        elif record_type == "epoch" and record["loss"] is not None:
+            summary["epoch_curve"].append((record["step"], record["loss"]))
+            summary["final_loss"] = record["loss"]
+        if record_type == "epoch" and record.get("img_per_s") is not None:
+            summary["epoch_img_per_s"].append(record["img_per_s"])
+        elif record_type == "precision":
+            summary["high_precision_from_step"] = record["step"]
+        elif record_type == "fp4_summary":
+            summary["fp4_stats"] = record["layers"]
+    if summary["epoch_img_per_s"]:
+        summary["img_per_s"] = statistics.median(summary["epoch_img_per_s"])
+    return summary
+
+
+def load_checkpoint(path: Path, config_cls, loss_sums) -> tuple:
+    """(checkpoint dict, its Config: the script's config_cls). A checkpoint is untrusted input:
+    weights_only=True unpickles tensors and plain data only, and every field is checked
+    (checkpoint_problem; loss_sums: the names of the running loss sums its progress may hold)."""
+    try:
+        with warnings.catch_warnings():  # torch's own lines about legacy formats: the refusal below says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UsageError(f"checkpoint {path} cannot be read: corrupt, truncated or not a checkpoint "
+                         f"({type(error).__name__})") from None
+    if isinstance(ckpt, dict) and "args" in ckpt and "config" not in ckpt:
+        raise UsageError(f"checkpoint {path} was written by an earlier asmae_minimal.py (flat 'args', not a "
+                         f"'config'); resume or evaluate it with that version")
+    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else {"all"}
+    if missing:
+        raise UsageError(f"checkpoint {path} is not from asmae_minimal.py (missing {', '.join(sorted(missing))})")
+    section = ckpt["config"].get("precision") if isinstance(ckpt["config"], dict) else None
+    if isinstance(section, dict) and "name" in section:  # saved before the field was named precision
+        section["precision"] = section.pop("name")
+    problem = checkpoint_problem(ckpt, config_cls, loss_sums)
+    if problem:
+        raise UsageError(f"checkpoint {path}: {problem}")
+    try:
+        return ckpt, config_cls.from_dict(ckpt["config"])
+    except (TypeError, KeyError, AttributeError) as error:
+        raise UsageError(f"checkpoint {path} holds a config this version cannot read ({error})") from None
+
+
+CHECKPOINT_KEYS = {"model", "optimizer", "config", "progress", "rng", "guard", "scaler"}
+
+
+def checkpoint_problem(ckpt: dict, config_cls, loss_sums) -> Optional[str]:
+    """What in a checkpoint (untrusted input) has the wrong type, range or shape of what
+    save_checkpoint writes, naming the field; None if nothing: checked before a run writes anything."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    is_number = lambda v: (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    fits = {type(None): lambda v: v is None, bool: lambda v: isinstance(v, bool), int: is_int, float: is_number,
+            str: lambda v: isinstance(v, str),
+            tuple: lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)}
+    if not isinstance(ckpt["config"], dict):
+        return "config is not a table of sections"
+    for section, cls in config_cls.SECTIONS.items():
+        values = ckpt["config"].get(section)
+        if not isinstance(values, dict):
+            return f"config.{section} is missing"
+        for f in fields(cls):
+            types = typing.get_args(f.type) or (f.type,)
+            if f.name in values and not any(fits.get(t, lambda v: True)(values[f.name]) for t in types):
+                expected = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+                return f"config.{section}.{f.name} is {values[f.name]!r}; expected {expected}"
+    precision = ckpt["config"]["precision"].get("precision")
+    if precision not in (None, *nvfp4.PRECISIONS):
+        return f"config.precision.precision is {precision!r}; expected one of {', '.join(nvfp4.PRECISIONS)}"
+    run = ckpt["config"]["run"]
+    try:
+        check_run_name(run.get("run_name") or "run", run.get("out_dir") or "runs")
+    except UsageError:
+        return f"config.run.run_name {run.get('run_name')!r} is not a plain folder name inside its --out-dir"
+    progress = ckpt["progress"]
+    if not isinstance(progress, dict) or not all(is_int(progress.get(k)) and progress[k] >= 0
+                                                 for k in ("epoch", "batch", "step")):
+        return f"progress {progress!r} is not epoch, batch and step counts (integers >= 0)"
+    sums = progress.get("sums", {})
+    if not isinstance(sums, dict) or not all(k in loss_sums and is_number(v) for k, v in sums.items()):
+        return "progress.sums is not a table of finite loss sums"
+    rng = ckpt["rng"]
+    if not (isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng) and torch.is_tensor(rng["torch"])
+            and rng["torch"].dtype == torch.uint8 and (rng.get("cuda") is None or torch.is_tensor(rng["cuda"]))):
+        return "rng is not the random generators' states"
+    guard = ckpt["guard"]
+    if not (isinstance(guard, dict) and all(torch.is_tensor(guard.get(k)) and guard[k].numel() == 1
+                                            for k in ("skipped", "streak", "trigger_step"))):
+        return "guard is not the loss guard's three counters"
+    if not isinstance(ckpt["model"], dict) or not all(torch.is_tensor(v) for v in ckpt["model"].values()):
+        return "model is not a table of tensors"
+    if not isinstance(ckpt["optimizer"], dict) or not {"state", "param_groups"} <= set(ckpt["optimizer"]):
+        return "optimizer is not an optimizer's state"
+    return None
 
