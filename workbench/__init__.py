@@ -11,7 +11,8 @@ script; what a tool needs of it (a model, a precision, a train step, a function 
     schedule      the one learning-rate schedule (MAE's warm-up + cosine)
     cli           argv -> (Command, Config): flags from the Config's fields, validated once;
                   --compare's variants, a resumed run's changes, the device
-    files         atomic writes, strict JSON, run folders and the lock that keeps runs apart
+    files         atomic writes, strict JSON, run folders and the lock that keeps runs apart,
+                  checkpoints (saved, read as untrusted input), metrics.jsonl read back
     errors        UsageError (one line, exit 2), StopRequest / Interrupted (signals)
 
 Imports point one way: asmae_minimal -> workbench -> nvfp4.
