@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import types
@@ -188,3 +189,17 @@ def fails(capsys, argv, message):
 def images(tmp_path):
     """A folder of 80 images in two classes: 72 train images, 4 steps of 16."""
     return write_image_folder(tmp_path / "images", classes=2, per_class=40)  # 72 train images: 4 steps of 16
+
+
+def stop_after(monkeypatch, steps, sig=signal.SIGTERM):
+    """Deliver a real signal to this process after `steps` optimizer steps."""
+    import asmae_minimal
+    real_step, count = asmae_minimal.TrainStep.__call__, [0]
+
+    def step(self, *args):
+        out = real_step(self, *args)
+        count[0] += 1
+        if count[0] == steps:
+            os.kill(os.getpid(), sig)
+        return out
+    monkeypatch.setattr(asmae_minimal.TrainStep, "__call__", step)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import asmae_minimal
-from conftest import cli, fails, write_image_folder
+from conftest import cli, fails, stop_after, write_image_folder
 from workbench import cli as workbench_cli, compare, evaluate, files, report
 
 
@@ -65,7 +65,6 @@ def test_compare_sweep_reports_means_paired_cis_and_figures(tmp_path):
 def test_a_killed_sweep_goes_on_where_it_stopped(tmp_path, monkeypatch, capsys):
     """Rerun with the same arguments: finished cells are skipped, the interrupted one goes on from its
     checkpoint, and the results are those of the sweep that ran straight through."""
-    from test_runs import stop_after
     data = write_image_folder(tmp_path / "images", classes=3, per_class=24)
     argv = ("--dataset", "folder", "--data-root", str(data), "--epochs", "2", "--save-every", "1",
             "--finetune-epochs", "0", "--compare", "fp32,nvfp4", "--seeds", "0,1")
@@ -169,3 +168,21 @@ def test_compare_onto_a_training_runs_folder_says_so(tmp_path, images, capsys):
     capsys.readouterr()
     fails(capsys, ["--out-dir", str(tmp_path / "runs"), "--run-name", "plain", "--dataset", "folder", "--data-root",
                    str(images), "--compare", "fp32", "--finetune-epochs", "0"], "is a training run's folder, not a comparison's")
+
+
+def test_a_sweep_planned_before_the_precision_field_was_renamed_goes_on(tmp_path, capsys):
+    """Issue 32 renamed config.precision.name to precision; a sweep folder whose saved plan has
+    'name' is the same comparison (it goes on), not 'another comparison'."""
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=10)
+    argv = ("--dataset", "folder", "--data-root", str(data), "--epochs", "1", "--finetune-epochs", "0",
+            "--compare", "fp32")
+    cli(tmp_path, *argv, run_name="sweep")
+    plan_path = tmp_path / "runs" / "sweep" / "config.json"
+    plan = json.loads(plan_path.read_text())
+    for cell in plan["compare"]:
+        cell["config"]["precision"]["name"] = cell["config"]["precision"].pop("precision")
+    plan_path.write_text(json.dumps(plan))
+    capsys.readouterr()
+    cli(tmp_path, *argv, run_name="sweep")
+    out = capsys.readouterr().out
+    assert "going on with" in out and "finished before, skipped" in out

@@ -13,25 +13,12 @@ import pytest
 import torch
 
 import asmae_minimal
-from conftest import REPO, cli, metrics, write_image_folder
+from conftest import REPO, cli, metrics, stop_after, write_image_folder
 from workbench import cli as workbench_cli, errors, files
 
 
 def run(tmp_path, images, *argv, run_name="run"):
     return cli(tmp_path, "--dataset", "folder", "--data-root", str(images), *argv, run_name=run_name)
-
-
-def stop_after(monkeypatch, steps, sig=signal.SIGTERM):
-    """Deliver a real signal to this process after `steps` optimizer steps."""
-    real_step, count = asmae_minimal.TrainStep.__call__, [0]
-
-    def step(self, *args):
-        out = real_step(self, *args)
-        count[0] += 1
-        if count[0] == steps:
-            os.kill(os.getpid(), sig)
-        return out
-    monkeypatch.setattr(asmae_minimal.TrainStep, "__call__", step)
 
 
 def final_weights(run_dir: Path):
