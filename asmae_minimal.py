@@ -996,7 +996,6 @@ def summarize_fp4(rows_by_key, log):
 
 # ============================================================================= outputs
 
-
 def load_checkpoint(path: Path) -> tuple:
     """(checkpoint, its Config), read as untrusted input with every field checked (workbench.files)."""
     return files.load_checkpoint(path, Config, Progress.SUMS)
