@@ -16,7 +16,7 @@ import torch
 from workbench import report
 from workbench.errors import Interrupted, StopRequest, UsageError
 from workbench.evaluate import Finetune, evaluate
-from workbench.files import (atomic_write_text, claim_folder, make_run_dir, plan_run_dir,
+from workbench.files import (atomic_write_text, claim_folder, make_run_dir, plan_run_dir, rename_legacy_fields,
                              strict_json)
 
 
@@ -49,9 +49,8 @@ def compare_root(variants: tuple, seeds: tuple, finetune: Finetune) -> Path:
         if saved.is_file():
             claim_folder(root)
             saved_plan = json.loads(saved.read_text())
-            for cell in saved_plan.get("compare", []):  # saved before the precision field was named precision
-                section = cell["config"]["precision"]
-                section["precision"] = section.pop("name", section.get("precision"))
+            for cell in saved_plan.get("compare", []) if isinstance(saved_plan, dict) else []:
+                rename_legacy_fields(cell.get("config") if isinstance(cell, dict) else None)
             if "compare" not in saved_plan:
                 raise UsageError(f"{root} is a training run's folder, not a comparison's; choose another "
                                  f"--run-name")

@@ -290,21 +290,21 @@ def save_checkpoint(train_step, config, run_dir: Path, progress: dict) -> Path:
     return path
 
 
+def metrics_records(path: Path):
+    """(line, record) of each line of a metrics.jsonl; a line cut short by a kill is skipped."""
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            yield line, json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
 def truncate_metrics(path: Path, step: int):
     """Drop metrics.jsonl's records after `step`, where a resumed run starts: a run killed after
     its last checkpoint had logged them, and the resumed run logs them again."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", math.inf) <= step:  # fp4_summary (the run's end) has no step
-                kept.append(line)
-        except json.JSONDecodeError:  # a line cut short by the kill
-            pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    if path.exists():  # fp4_summary (the run's end) has no step
+        atomic_write_text(path, "".join(line + "\n" for line, record in metrics_records(path)
+                                        if record.get("step", math.inf) <= step))
 
 
 def read_summary(path: Path) -> dict:
@@ -314,19 +314,16 @@ def read_summary(path: Path) -> dict:
     step the precision schedule switched at, and the FP4 statistics' summary. A line cut short by
     a kill is skipped."""
     summary = {"curve": [], "epoch_curve": [], "epoch_img_per_s": []}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for _, record in metrics_records(path):
         record_type = record.get("type")
         if record_type == "step" and record["loss"] is not None:  # None: the guard skipped every step since the last
             summary["curve"].append((record["step"], record["loss"]))
-        elif record_type == "epoch" and record["loss"] is not None:
-            summary["epoch_curve"].append((record["step"], record["loss"]))
-            summary["final_loss"] = record["loss"]
-        if record_type == "epoch" and record.get("img_per_s") is not None:
-            summary["epoch_img_per_s"].append(record["img_per_s"])
+        elif record_type == "epoch":
+            if record["loss"] is not None:
+                summary["epoch_curve"].append((record["step"], record["loss"]))
+                summary["final_loss"] = record["loss"]
+            if record.get("img_per_s") is not None:
+                summary["epoch_img_per_s"].append(record["img_per_s"])
         elif record_type == "precision":
             summary["high_precision_from_step"] = record["step"]
         elif record_type == "fp4_summary":
@@ -334,6 +331,14 @@ def read_summary(path: Path) -> dict:
     if summary["epoch_img_per_s"]:
         summary["img_per_s"] = statistics.median(summary["epoch_img_per_s"])
     return summary
+
+
+def rename_legacy_fields(config) -> None:
+    """A config saved (checkpoint, sweep plan) before the precision field was named precision,
+    when it was name: renamed in place; anything else is left for the checks that follow."""
+    section = config.get("precision") if isinstance(config, dict) else None
+    if isinstance(section, dict) and "name" in section:
+        section["precision"] = section.pop("name")
 
 
 def load_checkpoint(path: Path, config_cls, loss_sums) -> tuple:
@@ -353,9 +358,7 @@ def load_checkpoint(path: Path, config_cls, loss_sums) -> tuple:
     missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else {"all"}
     if missing:
         raise UsageError(f"checkpoint {path} is not from asmae_minimal.py (missing {', '.join(sorted(missing))})")
-    section = ckpt["config"].get("precision") if isinstance(ckpt["config"], dict) else None
-    if isinstance(section, dict) and "name" in section:  # saved before the field was named precision
-        section["precision"] = section.pop("name")
+    rename_legacy_fields(ckpt["config"])
     problem = checkpoint_problem(ckpt, config_cls, loss_sums)
     if problem:
         raise UsageError(f"checkpoint {path}: {problem}")
@@ -415,4 +418,3 @@ def checkpoint_problem(ckpt: dict, config_cls, loss_sums) -> Optional[str]:
     if not isinstance(ckpt["optimizer"], dict) or not {"state", "param_groups"} <= set(ckpt["optimizer"]):
         return "optimizer is not an optimizer's state"
     return None
-
