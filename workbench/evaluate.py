@@ -184,12 +184,7 @@ def finetune_accuracy(model, precision: nvfp4.Precision, config, train: Split, h
         lambda: torch.randperm(len(train.images), generator=g)[:steps_per_epoch * batch].split(batch),
         finetune.epochs, lr=blr * batch / 256, weight_decay=0.05, warmup_epochs=1)
     net.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(heldout.images), batch):
-            x = plain_images(heldout.images[start:start + batch], dataset, cfg.img_size).to(device)
-            with precision.autocast():
-                logits = head(net.features(x))
-            correct += (logits.argmax(1).cpu() == heldout.labels[start:start + batch]).sum().item()
-    return correct / len(heldout.images)
-
+    features = extract_features(net, heldout.images, precision, dataset, batch)  # batches as in training
+    with torch.no_grad(), precision.autocast():
+        predicted = torch.cat([head(chunk).argmax(1) for chunk in features.split(batch)])
+    return (predicted.cpu() == heldout.labels).sum().item() / len(heldout.images)
