@@ -842,9 +842,9 @@ class TrainingLoop:
         back (read_summary), the final grid, and what this process measured: the checkpoint it
         saved last, its compile warm-up and peak memory."""
         summary = read_summary(self.run_dir / "metrics.jsonl") if self.rank == 0 else {}
+        grid = self._final_grid_path() if self.rank == 0 else None
         extra = {"checkpoint": self.saved and str(self.saved), "warmup_s": self.warmup_s,
-                 "peak_mem_gib": self.peak_mem_gib,
-                 "recon": str(self._final_grid_path()) if self.rank == 0 and self._final_grid_path().exists() else None}
+                 "peak_mem_gib": self.peak_mem_gib, "recon": str(grid) if grid and grid.exists() else None}
         return {**summary, "run_dir": str(self.run_dir), "backend": self.train_step.precision.backend_name,
                 **{key: value for key, value in extra.items() if value is not None}}
 
@@ -991,7 +991,6 @@ def summarize_fp4(rows_by_key, log):
         log.print(f"  {key:32s} {s['flushed_to_zero']:8.2%} {s['at_block_max']:8.2%}  "
                   f"[{s['scale_min']:.3g}, {s['scale_max']:.3g}]  {s['rel_error']:.3f}")
     log.metrics({"type": "fp4_summary", "layers": summary})
-    return summary
 
 
 # ============================================================================= outputs

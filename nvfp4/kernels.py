@@ -1035,4 +1035,3 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, factor_a: torch.Tensor, factor_b
     launch_scaled_mm(a, b, factor_a, factor_b, bias, out, alpha_scale,
                      launcher=torch.library.wrap_triton(_scaled_mm_kernel))
     return out
-

@@ -173,4 +173,3 @@ def profile_benchmark(config, train_step, batches, first: int, steps: int) -> di
         print(f"[profile] {line}")
     print(f"[profile] Chrome trace: {trace}")
     return {"profile_ms": summary["groups_ms"], "profile_top": summary["top"]}
-

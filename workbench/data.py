@@ -281,4 +281,3 @@ def make_loader(config, train: Split, rank=0, world=1):
     if config.data.loader == "tensor":
         return TensorLoader(train.images, config, rank, world)
     return TorchvisionLoader(train, config, rank, world)
-

@@ -36,4 +36,3 @@ class Interrupted(Exception):
     def __init__(self, sig, checkpoint, what="checkpoint"):
         super().__init__(f"stopped by {signal.Signals(sig).name}; {what} {checkpoint}")
         self.sig, self.checkpoint = sig, checkpoint
-
