@@ -183,8 +183,8 @@ def listed(flags: list) -> str:
 def switches_set(config_cls, values, names) -> list:
     """The flags among `names` whose precision-section value (values: the parsed flags, or the
     section) is not the default."""
-    get, defaults = values.get if isinstance(values, dict) else lambda name: getattr(values, name), \
-        precision_defaults(config_cls)
+    get = values.get if isinstance(values, dict) else lambda name: getattr(values, name)
+    defaults = precision_defaults(config_cls)
     return [flag_of(config_cls, name) for name in names if get(name) != defaults[name]]
 
 
