@@ -40,6 +40,7 @@ multiplies exact 16-bit operand values (NVFP4: the values copies; emulated FP8: 
 `quantize_fp8` is TE's current scaling in two reads (amax, then one kernel writing the FP8 copy
 and its transpose).
 """
+import functools
 from typing import Optional
 
 import torch
@@ -791,14 +792,15 @@ def _supports_pdl(x: torch.Tensor) -> bool:
     before reading amax. So it is safe only where the previous kernel does not write x: in
     `quantize`, the zero fill before the amax kernel, and the amax kernel before the quantize
     kernel."""
-    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.is_cuda and _major_capability(x.device.index) >= 9
 
 
-# An opaque op, not a triton_op: inductor (torch 2.11) lowers each Triton kernel a triton_op
-# launches on its own, and had x's producer (GELU, LayerNorm, the dY producers) store one copy
-# of x per kernel reading it; an opaque op reads the producer's one output.
-@torch.library.custom_op("nvfp4::quantize", mutates_args=())
-def quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: int, columnwise: int,
+@functools.cache
+def _major_capability(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def _quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: int, columnwise: int,
              rht: bool, stochastic: bool, four_over_six: int = 0, e4m3_max: int = 448, row_scaled: bool = False,
              dequantized: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -823,6 +825,12 @@ def quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: int, 
                     row_values=row_values if rowwise & VALUES else None,
                     col_values=col_values if columnwise & VALUES else None)
     return row_values, row_data, row_scale, col_values, col_data, col_scale, amax, deq
+
+
+# An opaque op, not a triton_op: inductor (torch 2.11) lowers each Triton kernel a triton_op
+# launches on its own, and had x's producer (GELU, LayerNorm, the dY producers) store one copy
+# of x per kernel reading it; an opaque op reads the producer's one output.
+quantize = torch.library.custom_op("nvfp4::quantize", _quantize, mutates_args=())
 
 
 @quantize.register_fake
@@ -869,8 +877,7 @@ def _unpack_kernel(data_ptr, scale_ptr, out_ptr, rows, cols, BLOCK_R: tl.constex
              mask=(r[:, None] < rows) & (c[None, :] < cols))
 
 
-@torch.library.custom_op("nvfp4::unpack", mutates_args=())
-def unpack(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _unpack(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The exact GEMM operand (code * E4M3 scale, bf16 [rows, cols]) of TE's bytes: data uint8
     [rows, cols / 2], scale float8_e4m3fn [rows, cols / 16]."""
     rows, cols = data.shape[0], data.shape[1] * 2
@@ -878,6 +885,9 @@ def unpack(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 128))
     _unpack_kernel[grid](data, scale.view(torch.uint8), out, rows, cols, BLOCK_R=16, BLOCK_C=128, num_warps=4)
     return out
+
+
+unpack = torch.library.custom_op("nvfp4::unpack", _unpack, mutates_args=())
 
 
 @unpack.register_fake
@@ -894,11 +904,10 @@ def _fp8_kernel(x_ptr, amax_ptr, out_ptr, out_t_words_ptr, scale_inv_ptr, rows, 
     x * scale rounded to out's FP8 format, written row-major to out (ROWWISE) and as x^T
     (TRANSPOSED: Hopper's FP8 GEMM takes its operands K-major, so the dgrad and wgrad operands
     need the transposes) to out_t_words, x^T's bytes as int32 words (rows % 4 == 0): four bytes
-    of one column of x a word, assembled in 32-bit registers. The transpose moves 32-bit values
-    only: Triton 3.6 on sm_90 garbled 8-bit tiles moved between layouts (the transposed copy held
-    NaN bytes where the rowwise one held zeros; triton-lang/triton#11111 reports the like), and
-    Triton moves a layout change to the narrowest type it can: the bytes come from _fp8_byte,
-    never as 8-bit values.
+    of one column of x a word. The tile is transposed as x's 16-bit values, before any conversion:
+    Triton 3.6 on sm_90 garbled 8-bit tiles moved between layouts (the transposed copy held NaN
+    bytes where the rowwise one held zeros; triton-lang/triton#11111 reports the like), so the
+    bytes come from _fp8_byte, as int32, after the transpose, and no 8-bit tensor changes layout.
     Program (0, 0) writes scale_inv = 1 / scale."""
     amax = tl.load(amax_ptr)
     scale = tl.math.div_rn(tl.full(amax.shape, FP8_MAX, tl.float32), amax)
@@ -910,11 +919,12 @@ def _fp8_kernel(x_ptr, amax_ptr, out_ptr, out_t_words_ptr, scale_inv_ptr, rows, 
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
     x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0)
-    y = x.to(tl.float32) * scale
     if ROWWISE:
-        tl.store(out_ptr + r[:, None] * cols + c[None, :], _to_fp8(y, out_ptr.dtype.element_ty), mask=mask)
-    if TRANSPOSED:
-        byte = tl.trans(_fp8_byte(y, out_ptr.dtype.element_ty))  # [BLOCK_C, BLOCK_R]
+        tl.store(out_ptr + r[:, None] * cols + c[None, :], _to_fp8(x.to(tl.float32) * scale, out_ptr.dtype.element_ty),
+                 mask=mask)
+    if TRANSPOSED:  # x^T's rows in groups of 4 (a word's bytes), each byte in an int32
+        xt = tl.reshape(tl.trans(x), (BLOCK_C, BLOCK_R // 4, 4))
+        byte = _fp8_byte(xt.to(tl.float32) * scale, out_ptr.dtype.element_ty)
         even, odd = tl.split(tl.reshape(byte, (BLOCK_C, BLOCK_R // 4, 2, 2)))  # rows 4w + 2j (+ 1)
         low, high = tl.split(even | (odd << 8))  # j = 0, 1: the word's low and high 16 bits
         w = tl.program_id(0) * (BLOCK_R // 4) + tl.arange(0, BLOCK_R // 4)
@@ -960,12 +970,13 @@ def _fp8_byte(y, fp8: tl.constexpr):
 FP8_CODES = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 
 
-@torch.library.custom_op("nvfp4::quantize_fp8", mutates_args=())
-def quantize_fp8(x: torch.Tensor, fp8_code: int, rowwise: bool, transposed: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize_fp8(x: torch.Tensor, fp8_code: int, rowwise: bool, transposed: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values [rows, cols], values^T [cols, rows], scale_inv) of TE's current scaling of a
     contiguous 2D x in two reads (amax, then the cast), FP8 E4M3 (fp8_code 0) or E5M2 (1); a copy
-    not asked for is empty."""
+    not asked for is empty. (The amax as a torch reduction, for inductor to fuse into x's
+    producer, was slower: inductor recomputed the producer in a reduction kernel of its own,
+    docs/RESULTS.md.)"""
     fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)[fp8_code]
     rows, cols = x.shape
     amax = torch.zeros(2, dtype=torch.float32, device=x.device)
@@ -974,14 +985,18 @@ def quantize_fp8(x: torch.Tensor, fp8_code: int, rowwise: bool, transposed: bool
     # copy, transposed by torch
     words = transposed and rows % 4 == 0
     out, out_t, scale_inv = _fp8_outputs(x, fp8, rowwise or not words, transposed)
-    grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 64))
+    # tiles of 64 x 64: the fastest of the tiles tried at the small model's shapes (docs/RESULTS.md)
+    grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64))
     _fp8_kernel[grid](x, amax, out, out_t.view(torch.int32) if words else out, scale_inv, rows, cols,
                       FP8_MAX=torch.finfo(fp8).max, X_MAX=torch.finfo(x.dtype).max, ROWWISE=rowwise or not words,
-                      TRANSPOSED=words, BLOCK_R=32, BLOCK_C=64, num_warps=4)
+                      TRANSPOSED=words, BLOCK_R=64, BLOCK_C=64, num_warps=4)
     if transposed and not words:
         out_t.copy_(out.t())
         out = out if rowwise else out.new_empty((0,))
     return out, out_t, scale_inv
+
+
+quantize_fp8 = torch.library.custom_op("nvfp4::quantize_fp8", _quantize_fp8, mutates_args=())
 
 
 @quantize_fp8.register_fake
@@ -1024,9 +1039,7 @@ def launch_scaled_mm(a, b, factor_a, factor_b, bias, out, alpha_scale, launcher=
         EVEN_K=K % MM_BLOCK_K == 0, num_warps=MM_WARPS, num_stages=MM_STAGES)
 
 
-# A triton_op suits the GEMM: its operands are the quantize op's outputs, already in memory.
-@torch.library.triton_op("nvfp4::scaled_mm", mutates_args=())
-def scaled_mm(a: torch.Tensor, b: torch.Tensor, factor_a: torch.Tensor, factor_b: torch.Tensor,
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, factor_a: torch.Tensor, factor_b: torch.Tensor,
               bias: Optional[torch.Tensor], alpha_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     """factor_a * factor_b * alpha_scale * (a @ b) + bias in out_dtype, from one fp32 accumulator
     (a, b: exact bf16 operand values; factors: fp32, e.g. the operands' global amaxes: a scalar,
@@ -1035,3 +1048,15 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, factor_a: torch.Tensor, factor_b
     launch_scaled_mm(a, b, factor_a, factor_b, bias, out, alpha_scale,
                      launcher=torch.library.wrap_triton(_scaled_mm_kernel))
     return out
+
+
+# A triton_op suits the GEMM: its operands are the quantize op's outputs, already in memory.
+scaled_mm = torch.library.triton_op("nvfp4::scaled_mm", _scaled_mm, mutates_args=())
+PYTHON_FUNCTIONS = {"quantize": _quantize, "unpack": _unpack, "quantize_fp8": _quantize_fp8, "scaled_mm": _scaled_mm}
+
+
+def op(name: str):
+    """The op `name` as the layers call it: the registered op while torch.compile traces (what
+    inductor sees of the kernels, above), its Python function in eager mode, which spares each call
+    the dispatcher's work: eager steps (--no-compile, --fp4-stats passes) are bound by the host."""
+    return getattr(torch.ops.nvfp4, name) if torch.compiler.is_compiling() else PYTHON_FUNCTIONS[name]

@@ -6,13 +6,13 @@ For each quantized linear layer of the model (MAE's defaults: patch_embed and de
 high precision) it times what one training step runs: NVFP4 (TE's default recipe) quantizes X
 (rowwise GEMM values, columnwise TE bytes kept for wgrad, RHT), W (16x16 tiles) and dY (both
 copies as GEMM values, RHT, stochastic rounding), unpacks the kept copies before dgrad and wgrad;
-FP8 (current scaling) casts X, W and dY with their transposes. Each kernel's time is the median
-of triton.testing.do_bench_cudagraph (replays of a CUDA graph, as the step runs) over inputs rotated through several buffers (a layer's operand may
-fit in L2, as it often does in the step, where its producer has just written it). Bytes are the
-fewest a kernel must move: its inputs read once, its outputs written once.
+FP8 (current scaling) casts X, W and dY with their transposes (amax and cast). Each
+kernel's time is the median of triton.testing.do_bench_cudagraph (replays of a CUDA graph, as the
+step runs) over inputs rotated through several buffers (a layer's operand may fit in L2, as it
+often does in the step, where its producer has just written it). Bytes are the fewest a kernel
+must move: its inputs read once, its outputs written once.
 """
 import argparse
-import statistics
 
 import torch
 import triton
