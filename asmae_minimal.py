@@ -12,15 +12,17 @@ The sections follow the data:
     data           (workbench/data.py: CIFAR / folder / fake images as uint8 tensors, the loaders)
     model          patchify, the ViT blocks, the MAE and its mask check
     precision      the linear layers in the run's precision (nvfp4.Precision), GEMM shape check
-    train step     optimizer, schedule, compile, the loss guard; one optimizer step (CUDA graph)
-    training loop  epochs, progress, logging, signals, the precision schedule, FP4 statistics
-    outputs        checkpoints, metrics.jsonl / W&B and the summary read back from it, reconstruction grids
-    workbench      what the workbench package runs with this script's pieces: --eval of a
-                   checkpoint, --compare's training run of a cell, --benchmark's step
+    train step     optimizer, schedule, compile, the loss guard; one optimizer step (a CUDA graph:
+                   workbench/speed.py)
+    training loop  epochs, progress, logging (workbench/files.py: RunLog), signals, the precision
+                   schedule, FP4 statistics, the summary read back from metrics.jsonl
+    outputs        checkpoints (workbench/files.py), reconstruction grids
+    workbench      what the workbench package runs with this script's pieces: --compare's training
+                   run of a cell, --benchmark's step (--eval: workbench/evaluate.py)
     main           distributed setup, dispatch, exit codes
 
 workbench/ holds what is not one training run (cli, data, evaluate, compare, report, benchmark,
-profile, files: run folders and their lock); nvfp4/ the numerics. Neither imports this script.
+profile, files: run folders and their lock, speed); nvfp4/ the numerics. Neither imports this script.
 """
 import dataclasses
 import errno
@@ -48,11 +50,12 @@ from workbench import benchmark, cli, compare, files
 from workbench.cli import flag
 from workbench.data import load_images, make_loader, plain_images, seed_for
 from workbench.errors import Interrupted, StopRequest, UsageError
-from workbench.evaluate import Finetune, evaluate, reconstruct
-from workbench.files import (check_writable, claim_folder, find_checkpoint, latest_checkpoint, make_run_dir,
-                             plan_run_dir, read_summary, release_folders, save_checkpoint, set_rng_state, strict_json,
-                             truncate_metrics)
+from workbench.evaluate import Finetune, evaluate_checkpoint, reconstruct
+from workbench.files import (RunLog, claim_folder, find_checkpoint, latest_checkpoint, load_model_state,
+                             make_run_dir, plan_run_dir, read_summary, release_folders, save_checkpoint,
+                             set_rng_state, truncate_metrics)
 from workbench.schedule import warmup_cosine
+from workbench.speed import CUDAGraphed, start_compile_workers, stop_compile_workers
 
 # ============================================================================= config
 
@@ -387,18 +390,6 @@ class MAE(nn.Module):
         return self.forward_encoder(self.patchify(imgs), ids)[:, 0]
 
 
-def check_mask(mask: torch.Tensor, batch: int, num_patches: int, num_masked: int) -> None:
-    """MAE mask sanity: shape [B, L], binary, exactly `num_masked` ones per sample."""
-    if tuple(mask.shape) != (batch, num_patches):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected ({batch}, {num_patches})")
-    if not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("mask is not binary")
-    per_sample = mask.sum(1)
-    if not (per_sample == num_masked).all():
-        raise ValueError(f"mask has {per_sample.min().item():.0f}..{per_sample.max().item():.0f} "
-                         f"masked patches per sample, expected exactly {num_masked}")
-
-
 # ============================================================================= precision
 
 def precision_lines(config: Config, train_step) -> list:
@@ -504,23 +495,6 @@ def compile_model(model: MAE, model_graphs: bool):
 COMPILE_STEPS = 3  # a compiled step's steps until it runs at speed: two warm-up calls, then the capture
 
 
-def start_compile_workers():
-    """Call before loading data. Inductor compiles each graph's Triton kernels in a pool of worker
-    processes, which it starts at its first compile and which takes seconds to come up (each
-    worker imports torch); until then it compiles them one at a time in this process. Started
-    here, the pool comes up while the data loads."""
-    from torch._inductor.async_compile import maybe_warm_pool
-    maybe_warm_pool()
-
-
-def stop_compile_workers():
-    """Call once the first steps have compiled. With a warm cache the model compiles before the
-    pool of compile workers (one per CPU) has finished starting, and for seconds the workers then
-    take the CPUs the data loader needs. A later compile would start them again."""
-    from torch._inductor.async_compile import shutdown_compile_workers
-    shutdown_compile_workers()
-
-
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -567,39 +541,6 @@ class LossGuard:
             setattr(self, key, state[key].to(self.skipped.device))
 
 
-class CUDAGraphed:
-    """fn (of fixed-shape device tensors) as one CUDA graph, by PyTorch's recipe: two warm-up calls
-    on a side stream (they compile and autotune), the capture on the third, replays after it. The
-    inputs are copied into the graph's own; the outputs are the graph's tensors, overwritten by
-    the next call. Whatever else fn reads must stay on the device at fixed addresses."""
-
-    def __init__(self, fn, device, warmup_calls: int = 2):
-        self.fn, self.device, self.warmup_calls = fn, device, warmup_calls
-        self.graph, self.inputs, self.outputs = None, None, None
-
-    @property
-    def captured(self) -> bool:
-        return self.graph is not None
-
-    def __call__(self, *inputs):
-        if self.graph is None and self.warmup_calls > 0:
-            self.warmup_calls -= 1
-            side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                out = self.fn(*inputs)
-            main.wait_stream(side)
-            return out
-        if self.graph is None:
-            self.inputs, self.graph = tuple(x.clone() for x in inputs), torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.outputs = self.fn(*self.inputs)
-        for static, x in zip(self.inputs, inputs):
-            static.copy_(x)
-        self.graph.replay()
-        return self.outputs
-
-
 class TrainStep:
     """One optimizer step of the MAE, called with a batch: model, optimizer, scaler, loss guard.
 
@@ -626,8 +567,8 @@ class TrainStep:
         self.graph = CUDAGraphed(self._step, device) if self.graphed else None
 
     def __call__(self, imgs, noise, lr: float, step: int):
-        """Optimizer step number `step` (from 1); returns loss, grad norm, skipped (0/1), mask
-        (with CUDA graphs: the graph's output tensors, overwritten by the next step)."""
+        """Optimizer step number `step` (from 1); returns loss, grad norm, skipped (0/1) (with CUDA
+        graphs: the graph's output tensors, overwritten by the next step)."""
         self._set_lr(lr)
         self.step_number.fill_(step)
         return self.graph(imgs, noise) if self.graphed else self._step(imgs, noise)
@@ -656,7 +597,7 @@ class TrainStep:
 
     def _step(self, imgs, noise):
         with self.precision.autocast():
-            loss, _, mask = self.net(imgs, noise)
+            loss, _, _ = self.net(imgs, noise)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -670,7 +611,7 @@ class TrainStep:
             self.optimizer.found_inf = found_inf  # the fused step is a no-op where found_inf is 1
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), grad_norm, found_inf, mask
+        return loss.detach(), grad_norm, found_inf
 
 
 # ============================================================================= training loop
@@ -859,7 +800,7 @@ class TrainingLoop:
         for b, (imgs, noise) in enumerate(self.loader.epoch(epoch, first), start=first):
             if p.step == self.high_precision_step and not self.train_step.unquantized:
                 self._switch_precision()
-            loss, grad_norm, bad, mask = self.train_step(imgs, noise, lr_at(p.step, steps, o), p.step + 1)
+            loss, grad_norm, bad = self.train_step(imgs, noise, lr_at(p.step, steps, o), p.step + 1)
             p.step += 1
             p.add(loss, bad)
             seen, interval_seen = seen + o.batch_size, interval_seen + o.batch_size
@@ -871,8 +812,6 @@ class TrainingLoop:
             shown["lr"] = f"{lr_at(p.step - 1, steps, o):.2e}"  # every step's (host arithmetic, no sync)
             bar.set_postfix(shown, refresh=False)
             if p.step % self.config.run.log_every == 0:
-                m = self.config.model
-                check_mask(mask, len(imgs), m.num_patches, m.num_patches - m.num_visible)
                 record = self._log_step(epoch, lr_at(p.step - 1, steps, o), grad_norm,
                                         interval_seen / (time.perf_counter() - interval_t0), imgs, noise)
                 shown = dict(loss="n/a" if record["loss"] is None else f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -1000,47 +939,6 @@ def load_checkpoint(path: Path) -> tuple:
     return files.load_checkpoint(path, Config, Progress.SUMS)
 
 
-def load_model_state(model, state: dict, source: str):
-    """Load weights from either backend: TE's `_extra_state` entries carry no weights."""
-    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    wrong = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
-    if wrong:
-        raise UsageError(f"{source} holds a different model ({len(wrong)} mismatched tensors, e.g. {wrong[0]})")
-    model.load_state_dict(state, strict=False)
-
-
-class RunLog:
-    """metrics.jsonl (appended), stdout lines and optional W&B, written by rank 0 only."""
-
-    def __init__(self, run_dir: Path, config: Config, active: bool):
-        self.active, self.wandb = active, None
-        self.file = open(run_dir / "metrics.jsonl", "a") if active else None
-        if active and config.run.use_wandb:
-            import wandb
-            self.wandb = wandb.init(project=config.run.wandb_project, name=run_dir.name, dir=str(run_dir),
-                                    config=config.flat(), resume="allow")
-
-    def metrics(self, record: dict):
-        if not self.active:
-            return
-        self.file.write(strict_json(record) + "\n")
-        self.file.flush()
-        if self.wandb:
-            self.wandb.log({f"{record['type']}/{k}": v for k, v in record.items()
-                            if isinstance(v, (int, float)) and k != "type"}, step=record.get("step"))
-
-    def print(self, line: str):
-        if self.active:
-            tqdm.write(line)
-
-    def close(self):
-        if self.file:
-            self.file.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
 def save_reconstructions(train_step: TrainStep, config: Config, heldout_images, run_dir: Path, name: str) -> Path:
     """run_dir/recons/NAME.{png,pt} for 8 held-out images: rows original | visible-only |
     reconstruction; copied to <out-dir>/recons/<run folder>_NAME.* as the latest view."""
@@ -1066,34 +964,6 @@ def save_reconstructions(train_step: TrainStep, config: Config, heldout_images, 
 
 
 # ============================================================================= workbench
-
-def run_eval(path: str, given: Config, explicit, finetune: Finetune) -> dict:
-    """--eval CKPT: rebuild the checkpoint's model, evaluate it, write eval_<ckpt>.json beside it."""
-    path = find_checkpoint(path, "--eval")
-    ckpt, saved = load_checkpoint(path)
-    config, _ = cli.resume_config(saved, given, explicit)  # this device; e.g. another --data-root
-    device = torch.device(config.run.device)
-    out = path.with_name(f"eval_{path.stem}.json")
-    check_writable(out.parent)  # before the evaluation, not after it
-    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise UsageError(f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
-                         f"its features would be NaN; evaluate an earlier checkpoint")
-    model, precision = build_model(config, device, config.optim.batch_size)
-    load_model_state(model, ckpt["model"], str(path))
-    if ckpt.get("unquantized"):  # trained to the end in high precision (--high-precision-from)
-        precision = precision.unquantize(model)
-    results = evaluate(model, precision, config, load_images(config, train=True), load_images(config, train=False),
-                       finetune)
-    results["checkpoint"], results["step"] = str(path), ckpt["progress"]["step"]
-    try:
-        out.write_text(strict_json(results, indent=2))
-    except OSError as error:
-        raise UsageError(f"cannot write {out} ({error.strerror})") from None
-    print(strict_json(results, indent=2))
-    print(f"[eval] written to {out}")
-    return results
-
 
 def benchmark_step(config: Config) -> TrainStep:
     """--benchmark's train step (workbench.benchmark times it), seeded as a run's."""
@@ -1137,7 +1007,8 @@ def main(argv=None):
         command, config = parse_config(argv)
         rank, world = init_distributed(command.mode)
         if command.mode == "eval":
-            return run_eval(command.eval, config, command.explicit, Finetune.of(command))
+            return evaluate_checkpoint(command.eval, config, command.explicit, Finetune.of(command), build_model,
+                                       load_checkpoint)
         if config.run.compile:
             start_compile_workers()
         if command.mode == "benchmark":

@@ -7,6 +7,7 @@ import torch
 
 from nvfp4 import Precision, te_backend
 from nvfp4.linear import LayerNormLinear, LayerNormMLP, Linear
+from workbench.files import load_model_state
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 NO_TE = lambda: (None, "Transformer Engine does not import (ModuleNotFoundError: No module named 'transformer_engine')")
@@ -100,7 +101,7 @@ def test_state_dict_with_te_extra_state_loads_into_the_pytorch_model():
     model = asmae_minimal.build_model(config, CPU, config.optim.batch_size)[0]
     state = dict(model.state_dict())
     state["blocks.0.mlp._extra_state"] = torch.empty(0)  # what a TE module adds
-    asmae_minimal.load_model_state(model, state, "a TE checkpoint")
+    load_model_state(model, state, "a TE checkpoint")
 
 
 def test_te_model_trains_with_its_recipe():

@@ -66,7 +66,7 @@ def test_whole_step_cuda_graph_trains_as_the_ungraphed_step():
         imgs = torch.randn(32, 3, config.model.img_size, config.model.img_size, generator=g).cuda()
         noise = torch.rand(32, trainers[0].model.cfg.num_patches, generator=g).cuda()
         for trainer in trainers:
-            loss, grad_norm, skipped, _ = trainer(imgs, noise, 1e-3 * step, step)
+            loss, grad_norm, skipped = trainer(imgs, noise, 1e-3 * step, step)
             losses[trainer.graphed].append((loss.item(), grad_norm.item(), skipped.item()))
     assert trainers[0].graph.captured and not trainers[1].graph.captured
     assert len({l for l, _, _ in losses[True]}) == 6  # the weights moved every step

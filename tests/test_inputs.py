@@ -9,6 +9,7 @@ import pytest
 
 import asmae_minimal
 from conftest import cli, fails, metrics
+import workbench.evaluate
 from workbench import cli as workbench_cli, files
 
 NO_DATA = ["--dataset", "folder", "--data-root", "/nonexistent"]  # checks that wait for the data fail on this
@@ -185,7 +186,7 @@ def test_a_full_disk_without_a_file_name_and_eval_on_a_read_only_folder_are_one_
     assert exit_info.value.code == 2 and "No space left on device (writing the run's outputs)" in err and "None" not in err
     _, run_dir = cli(tmp_path, "--dataset", "folder", "--data-root", str(images), "--epochs", "1")
     capsys.readouterr()
-    monkeypatch.setattr(asmae_minimal, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking the folder"))
+    monkeypatch.setattr(workbench.evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking the folder"))
     monkeypatch.setattr(files.tempfile, "TemporaryFile",
                         lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
     fails(capsys, ["--eval", str(run_dir)], "cannot write in")

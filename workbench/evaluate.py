@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 import nvfp4
 
-from workbench.data import Split, dataset_stats, plain_images, seed_for
+from workbench import cli
+from workbench.data import Split, dataset_stats, load_images, plain_images, seed_for
+from workbench.errors import UsageError
+from workbench.files import check_writable, find_checkpoint, load_model_state, strict_json
 from workbench.schedule import warmup_cosine
 
 
@@ -188,3 +191,32 @@ def finetune_accuracy(model, precision: nvfp4.Precision, config, train: Split, h
     with torch.no_grad(), precision.autocast():
         predicted = torch.cat([head(chunk).argmax(1) for chunk in features.split(batch)])
     return (predicted.cpu() == heldout.labels).sum().item() / len(heldout.images)
+
+
+def evaluate_checkpoint(path: str, given, explicit, finetune: Finetune, build_model, load_checkpoint) -> dict:
+    """--eval CKPT: rebuild the checkpoint's model (the script's build_model(config, device, batch)
+    and load_checkpoint(path) -> (checkpoint, Config)), evaluate it, write eval_<ckpt>.json beside it."""
+    path = find_checkpoint(path, "--eval")
+    ckpt, saved = load_checkpoint(path)
+    config, _ = cli.resume_config(saved, given, explicit)  # this device; e.g. another --data-root
+    device = torch.device(config.run.device)
+    out = path.with_name(f"eval_{path.stem}.json")
+    check_writable(out.parent)  # before the evaluation, not after it
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UsageError(f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
+                         f"its features would be NaN; evaluate an earlier checkpoint")
+    model, precision = build_model(config, device, config.optim.batch_size)
+    load_model_state(model, ckpt["model"], str(path))
+    if ckpt.get("unquantized"):  # trained to the end in high precision (--high-precision-from)
+        precision = precision.unquantize(model)
+    results = evaluate(model, precision, config, load_images(config, train=True), load_images(config, train=False),
+                       finetune)
+    results["checkpoint"], results["step"] = str(path), ckpt["progress"]["step"]
+    try:
+        out.write_text(strict_json(results, indent=2))
+    except OSError as error:
+        raise UsageError(f"cannot write {out} ({error.strerror})") from None
+    print(strict_json(results, indent=2))
+    print(f"[eval] written to {out}")
+    return results

@@ -1,7 +1,8 @@
 """Run folders and the files in them: atomic writes, strict JSON, the folder lock that keeps two
 runs out of one folder; checkpoints (saved atomically, read as untrusted input: every field
-checked), metrics.jsonl cut back for a resume and read back as the run's summary. Nothing here
-writes outside --out-dir."""
+checked) and loaded into a model of either backend; metrics.jsonl written (RunLog, with stdout
+lines and W&B), cut back for a resume and read back as the run's summary. Nothing here writes
+outside --out-dir."""
 from __future__ import annotations
 
 import errno
@@ -25,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import nvfp4
 from workbench.errors import UsageError
@@ -418,3 +420,44 @@ def checkpoint_problem(ckpt: dict, config_cls, loss_sums) -> Optional[str]:
     if not isinstance(ckpt["optimizer"], dict) or not {"state", "param_groups"} <= set(ckpt["optimizer"]):
         return "optimizer is not an optimizer's state"
     return None
+
+
+def load_model_state(model, state: dict, source: str):
+    """Load weights from either backend: TE's `_extra_state` entries carry no weights."""
+    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    wrong = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
+    if wrong:
+        raise UsageError(f"{source} holds a different model ({len(wrong)} mismatched tensors, e.g. {wrong[0]})")
+    model.load_state_dict(state, strict=False)
+
+
+class RunLog:
+    """metrics.jsonl (appended), stdout lines and optional W&B, written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, config, active: bool):  # config: the run's Config
+        self.active, self.wandb = active, None
+        self.file = open(run_dir / "metrics.jsonl", "a") if active else None
+        if active and config.run.use_wandb:
+            import wandb
+            self.wandb = wandb.init(project=config.run.wandb_project, name=run_dir.name, dir=str(run_dir),
+                                    config=config.flat(), resume="allow")
+
+    def metrics(self, record: dict):
+        if not self.active:
+            return
+        self.file.write(strict_json(record) + "\n")
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log({f"{record['type']}/{k}": v for k, v in record.items()
+                            if isinstance(v, (int, float)) and k != "type"}, step=record.get("step"))
+
+    def print(self, line: str):
+        if self.active:
+            tqdm.write(line)
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.wandb:
+            self.wandb.finish()
