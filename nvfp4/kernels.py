@@ -40,7 +40,6 @@ multiplies exact 16-bit operand values (NVFP4: the values copies; emulated FP8: 
 `quantize_fp8` is TE's current scaling in two reads (amax, then one kernel writing the FP8 copy
 and its transpose).
 """
-import functools
 from typing import Optional
 
 import torch
@@ -792,15 +791,14 @@ def _supports_pdl(x: torch.Tensor) -> bool:
     before reading amax. So it is safe only where the previous kernel does not write x: in
     `quantize`, the zero fill before the amax kernel, and the amax kernel before the quantize
     kernel."""
-    return x.is_cuda and _major_capability(x.device.index) >= 9
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-@functools.cache
-def _major_capability(device_index: int) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
-
-
-def _quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: int, columnwise: int,
+# An opaque op, not a triton_op: inductor (torch 2.11) lowers each Triton kernel a triton_op
+# launches on its own, and had x's producer (GELU, LayerNorm, the dY producers) store one copy
+# of x per kernel reading it; an opaque op reads the producer's one output.
+@torch.library.custom_op("nvfp4::quantize", mutates_args=())
+def quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: int, columnwise: int,
              rht: bool, stochastic: bool, four_over_six: int = 0, e4m3_max: int = 448, row_scaled: bool = False,
              dequantized: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -825,12 +823,6 @@ def _quantize(x: torch.Tensor, seed: torch.Tensor, tile_rows: int, rowwise: int,
                     row_values=row_values if rowwise & VALUES else None,
                     col_values=col_values if columnwise & VALUES else None)
     return row_values, row_data, row_scale, col_values, col_data, col_scale, amax, deq
-
-
-# An opaque op, not a triton_op: inductor (torch 2.11) lowers each Triton kernel a triton_op
-# launches on its own, and had x's producer (GELU, LayerNorm, the dY producers) store one copy
-# of x per kernel reading it; an opaque op reads the producer's one output.
-quantize = torch.library.custom_op("nvfp4::quantize", _quantize, mutates_args=())
 
 
 @quantize.register_fake
@@ -877,7 +869,8 @@ def _unpack_kernel(data_ptr, scale_ptr, out_ptr, rows, cols, BLOCK_R: tl.constex
              mask=(r[:, None] < rows) & (c[None, :] < cols))
 
 
-def _unpack(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("nvfp4::unpack", mutates_args=())
+def unpack(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The exact GEMM operand (code * E4M3 scale, bf16 [rows, cols]) of TE's bytes: data uint8
     [rows, cols / 2], scale float8_e4m3fn [rows, cols / 16]."""
     rows, cols = data.shape[0], data.shape[1] * 2
@@ -885,9 +878,6 @@ def _unpack(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 128))
     _unpack_kernel[grid](data, scale.view(torch.uint8), out, rows, cols, BLOCK_R=16, BLOCK_C=128, num_warps=4)
     return out
-
-
-unpack = torch.library.custom_op("nvfp4::unpack", _unpack, mutates_args=())
 
 
 @unpack.register_fake
@@ -970,8 +960,9 @@ def _fp8_byte(y, fp8: tl.constexpr):
 FP8_CODES = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 
 
-def _quantize_fp8(x: torch.Tensor, fp8_code: int, rowwise: bool, transposed: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("nvfp4::quantize_fp8", mutates_args=())
+def quantize_fp8(x: torch.Tensor, fp8_code: int, rowwise: bool, transposed: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values [rows, cols], values^T [cols, rows], scale_inv) of TE's current scaling of a
     contiguous 2D x in two reads (amax, then the cast), FP8 E4M3 (fp8_code 0) or E5M2 (1); a copy
     not asked for is empty. (The amax as a torch reduction, for inductor to fuse into x's
@@ -994,9 +985,6 @@ def _quantize_fp8(x: torch.Tensor, fp8_code: int, rowwise: bool, transposed: boo
         out_t.copy_(out.t())
         out = out if rowwise else out.new_empty((0,))
     return out, out_t, scale_inv
-
-
-quantize_fp8 = torch.library.custom_op("nvfp4::quantize_fp8", _quantize_fp8, mutates_args=())
 
 
 @quantize_fp8.register_fake
@@ -1039,7 +1027,9 @@ def launch_scaled_mm(a, b, factor_a, factor_b, bias, out, alpha_scale, launcher=
         EVEN_K=K % MM_BLOCK_K == 0, num_warps=MM_WARPS, num_stages=MM_STAGES)
 
 
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, factor_a: torch.Tensor, factor_b: torch.Tensor,
+# A triton_op suits the GEMM: its operands are the quantize op's outputs, already in memory.
+@torch.library.triton_op("nvfp4::scaled_mm", mutates_args=())
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, factor_a: torch.Tensor, factor_b: torch.Tensor,
               bias: Optional[torch.Tensor], alpha_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     """factor_a * factor_b * alpha_scale * (a @ b) + bias in out_dtype, from one fp32 accumulator
     (a, b: exact bf16 operand values; factors: fp32, e.g. the operands' global amaxes: a scalar,
@@ -1048,15 +1038,3 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, factor_a: torch.Tensor, factor_
     launch_scaled_mm(a, b, factor_a, factor_b, bias, out, alpha_scale,
                      launcher=torch.library.wrap_triton(_scaled_mm_kernel))
     return out
-
-
-# A triton_op suits the GEMM: its operands are the quantize op's outputs, already in memory.
-scaled_mm = torch.library.triton_op("nvfp4::scaled_mm", _scaled_mm, mutates_args=())
-PYTHON_FUNCTIONS = {"quantize": _quantize, "unpack": _unpack, "quantize_fp8": _quantize_fp8, "scaled_mm": _scaled_mm}
-
-
-def op(name: str):
-    """The op `name` as the layers call it: the registered op while torch.compile traces (what
-    inductor sees of the kernels, above), its Python function in eager mode, which spares each call
-    the dispatcher's work: eager steps (--no-compile, --fp4-stats passes) are bound by the host."""
-    return getattr(torch.ops.nvfp4, name) if torch.compiler.is_compiling() else PYTHON_FUNCTIONS[name]

@@ -106,7 +106,7 @@ class PackedOperand(NamedTuple):
         """The exact GEMM operand (code x scale, in the GEMM dtype) of the stored bytes: a
         temporary, freed after its GEMM (CUDA: one Triton kernel, nvfp4::unpack)."""
         if kernels is not None and self.data.is_cuda:
-            values = kernels.op("unpack")(self.data, self.scale)
+            values = torch.ops.nvfp4.unpack(self.data, self.scale)
         else:
             q = NVFP4Tensor(unpack_e2m1(self.data, self.cols), self.scale.to(torch.float32), self.amax, self.e4m3_max)
             values = q.values().to(_gemm_dtype(self.data))
@@ -152,8 +152,8 @@ def _quantize_fp8(recipe: FP8Recipe, kind: str, t: torch.Tensor, rowwise: bool, 
     fp8 = torch.float8_e5m2 if kind == "dy" else torch.float8_e4m3fn
     exact = fp8 if recipe.native else _gemm_dtype(t)
     if kernels is not None and t.is_cuda and t.dim() == 2 and not dequantized:
-        values, values_t, scale_inv = kernels.op("quantize_fp8")(t.contiguous(), kernels.FP8_CODES[fp8],
-                                                                 rowwise, columnwise)
+        values, values_t, scale_inv = torch.ops.nvfp4.quantize_fp8(t.contiguous(), kernels.FP8_CODES[fp8],
+                                                                  rowwise, columnwise)
         return (Operand(values.to(exact), scale_inv) if rowwise else None,
                 Operand(values_t.to(exact), scale_inv) if columnwise else None, None)
     q = quantize_fp8(t, fp8)
@@ -206,7 +206,7 @@ def _quantize_on_gpu(spec: NVFP4Quantizer, t: torch.Tensor, row_forms: set, col_
     seed = (torch.randint(2 ** 62, (1,), device=t.device) if spec.stochastic
             else torch.empty(0, dtype=torch.int64, device=t.device))
     mode = kernels.FOUR_OVER_SIX_MODES[spec.four_over_six]
-    row_values, row_data, row_scale, col_values, col_data, col_scale, amax, deq = kernels.op("quantize")(
+    row_values, row_data, row_scale, col_values, col_data, col_scale, amax, deq = torch.ops.nvfp4.quantize(
         t, seed, spec.tile_rows, sum(row_forms), sum(col_forms),  # bit sets of the forms
         spec.rht, spec.stochastic, mode, spec.e4m3_max, spec.row_scaled, dequantized)
     rows, cols = t.shape
@@ -245,7 +245,7 @@ def _gemm(a: Operand, b_t: Operand, bias, out_dtype, wgrad=False):
         return _fp8_mm(a, b_t, bias, out_dtype)
     if kernels is not None and a.values.is_cuda and not wgrad:
         alpha_scale = kernels.nvfp4_alpha_scale(a.e4m3_max, b_t.e4m3_max) if nvfp4 else 1.0
-        return kernels.op("scaled_mm")(a.values, b_t.values, a.factor, b_t.factor, bias, alpha_scale, out_dtype)
+        return torch.ops.nvfp4.scaled_mm(a.values, b_t.values, a.factor, b_t.factor, bias, alpha_scale, out_dtype)
     acc = (torch.mm(a.values, b_t.values, out_dtype=torch.float32) if a.values.is_cuda
            else torch.mm(a.values, b_t.values))
     alpha = (a.factor[:, None] if a.factor.dim() else a.factor) * (b_t.factor[None, :] if b_t.factor.dim() else b_t.factor)
