@@ -10,10 +10,10 @@ The sections follow the data:
     config         one frozen Config (data, model, precision, optim, run), a flag per field; parsed,
                    resolved and validated once by workbench/cli.py
     data           (workbench/data.py: CIFAR / folder / fake images as uint8 tensors, the loaders)
-    model          patchify, the ViT blocks, the MAE and its mask check
+    model          patchify, the ViT blocks, the MAE
     precision      the linear layers in the run's precision (nvfp4.Precision), GEMM shape check
-    train step     optimizer, schedule, compile, the loss guard; one optimizer step (a CUDA graph:
-                   workbench/speed.py)
+    train step     optimizer, schedule, compile, the loss guard (workbench/loss_guard.py); one
+                   optimizer step (a CUDA graph: workbench/speed.py)
     training loop  epochs, progress, logging (workbench/files.py: RunLog), signals, the precision
                    schedule, FP4 statistics, the summary read back from metrics.jsonl
     outputs        checkpoints (workbench/files.py), reconstruction grids
@@ -22,7 +22,8 @@ The sections follow the data:
     main           distributed setup, dispatch, exit codes
 
 workbench/ holds what is not one training run (cli, data, evaluate, compare, report, benchmark,
-profile, files: run folders and their lock, speed); nvfp4/ the numerics. Neither imports this script.
+profile, files: run folders and their lock, speed, loss_guard); nvfp4/ the numerics. Neither
+imports this script.
 """
 import dataclasses
 import errno
@@ -54,6 +55,7 @@ from workbench.evaluate import Finetune, evaluate_checkpoint, reconstruct
 from workbench.files import (RunLog, claim_folder, find_checkpoint, latest_checkpoint, load_model_state,
                              make_run_dir, plan_run_dir, read_summary, release_folders, save_checkpoint,
                              set_rng_state, truncate_metrics)
+from workbench.loss_guard import LossGuard, NonFiniteLossError
 from workbench.schedule import warmup_cosine
 from workbench.speed import CUDAGraphed, start_compile_workers, stop_compile_workers
 
@@ -493,52 +495,6 @@ def compile_model(model: MAE, model_graphs: bool):
 
 
 COMPILE_STEPS = 3  # a compiled step's steps until it runs at speed: two warm-up calls, then the capture
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class LossGuard:
-    """Skip optimizer steps whose loss or gradient norm is not finite, without a host sync.
-
-    `update` returns a 0/1 device tensor for the fused optimizer's `found_inf` (the step is
-    then a no-op); the counters live on the device and `check` reads them when the host syncs
-    anyway (at log time), stopping the run after `max_consecutive` bad steps in a row.
-    """
-
-    def __init__(self, max_consecutive: int, device):
-        self.max_consecutive = max_consecutive
-        zero = torch.zeros((), device=device, dtype=torch.int64)
-        self.skipped, self.streak, self.trigger_step = zero.clone(), zero.clone(), zero - 1
-
-    def update(self, loss: torch.Tensor, grad_norm: torch.Tensor, step) -> torch.Tensor:
-        """step: int or device tensor. The counters change in place (a CUDA graph replays this)."""
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        self.skipped.add_(bad)
-        self.streak.add_(1).mul_(bad)
-        first_trigger = (self.streak == self.max_consecutive) & (self.trigger_step < 0)
-        self.trigger_step.copy_(torch.where(first_trigger, step - self.max_consecutive + 1, self.trigger_step))
-        return bad.to(torch.float32)
-
-    def skipped_steps(self) -> int:
-        return int(self.skipped.item())
-
-    def check(self) -> None:
-        start = int(self.trigger_step.item())
-        if start >= 0:
-            raise NonFiniteLossError(
-                f"loss or gradient was not finite at step {start} and the "
-                f"{self.max_consecutive - 1} steps after it; those steps were skipped, "
-                f"so the weights are those of step {start - 1}")
-
-    def state_dict(self) -> dict:
-        return {"skipped": self.skipped.cpu(), "streak": self.streak.cpu(),
-                "trigger_step": self.trigger_step.cpu()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("skipped", "streak", "trigger_step"):
-            setattr(self, key, state[key].to(self.skipped.device))
 
 
 class TrainStep:

@@ -12,7 +12,10 @@ script; what a tool needs of it (a model, a precision, a train step, a function 
     cli           argv -> (Command, Config): flags from the Config's fields, validated once;
                   --compare's variants, a resumed run's changes, the device
     files         atomic writes, strict JSON, run folders and the lock that keeps runs apart,
-                  checkpoints (saved, read as untrusted input), metrics.jsonl read back
+                  checkpoints (saved, read as untrusted input, loaded into either backend's
+                  model), metrics.jsonl written (RunLog) and read back
+    speed         the train step's CUDA graph (CUDAGraphed), inductor's compile-worker pool
+    loss_guard    skips non-finite steps on the device; stops a run after too many in a row
     errors        UsageError (one line, exit 2), StopRequest / Interrupted (signals)
 
 Imports point one way: asmae_minimal -> workbench -> nvfp4.
