@@ -4,6 +4,7 @@ since commit 6d71e8a):
     python tools/kernel_variants.py fp8     # FP8 transposed-copy variants: bitwise against the kernel, then us
     python tools/kernel_variants.py sweep   # NVFP4 quantize: tile widths x warps at the small step's shapes
     python tools/kernel_variants.py eager   # one eager layer: host time per piece, torch.profiler CPU table
+    python tools/kernel_variants.py eager-ab  # the eager layer A/B of call 3 (at commit d7258cb, see below)
 """
 import sys, time, itertools, torch, triton
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
@@ -144,17 +145,25 @@ if what == "sweep":
         default = bench(lambda: kernels.launch_quantize(next(it), amax, col_out=co, rht=True, seed=seed if kind == "dy" else None, row_values=rv, col_values=cv))
         print(f"{name} [{r}x{c}] x{count} default {default*1e3:.1f}us | " + "; ".join(f"{bc}/{w}: {t*1e3:.1f}" for t, bc, w in sorted(res)), flush=True)
 
-if what == "eager":
-    from nvfp4 import NVFP4Recipe, quantized_linear
+def eager_layer():
+    """One linear layer (M 8704, K 384, N 1152) and its eager forward + backward, step(recipe)."""
+    from nvfp4 import quantized_linear
     m, k, n = 8704, 384, 1152
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(n, k, device="cuda", requires_grad=True)
     b = torch.zeros(n, device="cuda", requires_grad=True)
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+
     def step(recipe):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = quantized_linear(x, w, b, recipe)
         y.backward(dy)
+    return step, (m, k, n)
+
+
+if what == "eager":
+    from nvfp4 import NVFP4Recipe
+    step, (m, k, n) = eager_layer()
     for recipe in (None, NVFP4Recipe()):
         for _ in range(20): step(recipe)
         torch.cuda.synchronize()
@@ -195,3 +204,36 @@ if what == "eager":
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(10): step(recipe)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+
+if what == "eager-ab":  # at commit d7258cb, which had kernels.op (the ops' Python functions in eager mode)
+    from nvfp4 import NVFP4Recipe
+    step, _ = eager_layer()
+    orig_op, orig_pdl = kernels.op, kernels._supports_pdl
+    variants = {
+        "bf16": (None, orig_op, orig_pdl),
+        "nvfp4 (direct functions, PDL)": (NVFP4Recipe(), orig_op, orig_pdl),
+        "nvfp4 (custom ops, PDL)": (NVFP4Recipe(), lambda name: getattr(torch.ops.nvfp4, name), orig_pdl),
+        "nvfp4 (direct functions, no PDL)": (NVFP4Recipe(), orig_op, lambda x: False),
+        "nvfp4 (custom ops, no PDL)": (NVFP4Recipe(), lambda name: getattr(torch.ops.nvfp4, name), lambda x: False),
+    }
+    res = {v: [] for v in variants}
+    for rnd in range(4):
+        for name, (recipe, op, pdl) in variants.items():
+            kernels.op, kernels._supports_pdl = op, pdl
+            for _ in range(5): step(recipe)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter(); n_it = 40
+            for _ in range(n_it): step(recipe)
+            torch.cuda.synchronize()
+            res[name].append((time.perf_counter() - t0) / n_it * 1e3)
+    for name, ts in res.items():
+        ts.sort()
+        print(f"eager {name}: median {ts[len(ts)//2]:.3f} ms (min {ts[0]:.3f}, max {ts[-1]:.3f}); vs bf16 {ts[len(ts)//2] / sorted(res['bf16'])[2]:.2f}x", flush=True)
+    # host time per quantize piece without and with PDL, and the GPU time of the nvfp4 layer
+    kernels.op, kernels._supports_pdl = orig_op, orig_pdl
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10): step(NVFP4Recipe())
+        torch.cuda.synchronize()
+    gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 10 / 1e3
+    print(f"nvfp4 layer GPU kernel time: {gpu:.3f} ms/step", flush=True)

@@ -17,7 +17,7 @@ row small_fp8 python asmae_minimal.py --precision fp8 $SMALL --benchmark-synthet
 row small_fp8_before python .scratch/before/asmae_minimal.py --precision fp8 $SMALL --benchmark-synthetic
 row small_nvfp4 python asmae_minimal.py --precision nvfp4 $SMALL --benchmark-synthetic
 row small_nvfp4_before python .scratch/before/asmae_minimal.py --precision nvfp4 $SMALL --benchmark-synthetic
-[ $SECONDS -lt 450 ] && timeout 35 python tools/eager_layer_ab.py 2>&1 | grep -v Warn | grep "eager\|GPU" >> $log
+[ $SECONDS -lt 450 ] && timeout 35 python tools/kernel_variants.py eager-ab 2>&1 | grep -v Warn | grep "eager\|GPU" >> $log
 if [ $SECONDS -lt 470 ]; then fresh; timeout $((580 - SECONDS)) python -m pytest -q -x tests/test_gpu_smoke.py > $L/t_smoke.txt 2>&1; echo "gpu smoke tests rc=$? at ${SECONDS}s" >> $log; tail -2 $L/t_smoke.txt >> $log; fi
 row base_bf16 python asmae_minimal.py --precision bf16 $BASE
 row base_fp8 python asmae_minimal.py --precision fp8 $BASE
