@@ -482,7 +482,7 @@ def compile_model(model: MAE, model_graphs: bool):
     """Regional compilation, in place (PyTorch's recipe for models of repeated blocks): the blocks
     of one shape share one compiled graph, and the three pieces of glue around them compile once
     each, so a cold compile traces each block shape once instead of the whole unrolled model
-    (README: Speed, "Compile"), for the same step time.
+    (docs/RESULTS.md: Speed history, "Compile"), for the same step time.
     model_graphs: CUDA graphs per region (mode="reduce-overhead") for single-GPU runs whose step
     TrainStep cannot capture whole (TE, fp16's GradScaler). Evaluation, reconstructions and
     --fp4-stats passes see other shapes, so they run the same modules eagerly

@@ -1,13 +1,13 @@
 """augment.py's crop, flip, resize, colour jitter and normalization in one Triton kernel (GPU).
 
-One kernel instead of torch.compile's fusion of augment.py's ops, which took a large share of
-a cold start (README: Speed, "Compile"). One program per image: it samples the crop (affine_grid + grid_sample, bilinear, border padding,
-inside the crop box), applies the four jitter ops in the sample's own order, and normalizes.
-Contrast blends towards the image's mean gray at its position in the order, so a first pass over
-the image computes that mean and a second applies all four ops. Images larger than one tile loop
-over tiles, recomputing rather than storing. augment.py stays the specification and the CPU
-path; tests/test_augment.py checks this kernel against it on the GPU and through Triton's CPU
-interpreter.
+One kernel instead of torch.compile's fusion of augment.py's ops, which took a large share of a
+cold start (docs/RESULTS.md: Speed history, "Compile"). One program per image: it samples the
+crop (affine_grid + grid_sample, bilinear, border padding, inside the crop box), applies the
+four jitter ops in the sample's own order, and normalizes. Contrast blends towards the image's
+mean gray at its position in the order, so a first pass over the image computes that mean and a
+second applies all four ops. Images larger than one tile loop over tiles, recomputing rather
+than storing. augment.py stays the specification and the CPU path; tests/test_augment.py checks
+this kernel against it on the GPU and through Triton's CPU interpreter.
 """
 import torch
 import triton
