@@ -7,8 +7,8 @@
     te_backend  Transformer Engine's modules, recipes, autocast and capability rules
     precision   Precision: a run's format, backend and autocast, resolved once for a device
 """
-from .formats import (FOUR_OVER_SIX_ERR_MODES, SCOPES, FP8Recipe, NativeFP8Recipe, NVFP4Recipe, fake_quantize, quantize_fp8, quantize_nvfp4,
-                      recipe_environment)
+from .formats import (FOUR_OVER_SIX_ERR_MODES, SCOPES, FP8Recipe, NativeFP8Recipe, NVFP4Recipe, fake_quantize,
+                      quantize_fp8, quantize_nvfp4, recipe_environment)
 from .linear import LayerFactory, collect_fp4_stats, count_saved_bytes, quantized_linear
 from .precision import PRECISIONS, Precision, compact_names
 from .shapes import gemm_shape_error

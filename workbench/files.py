@@ -255,6 +255,7 @@ def make_run_dir(run_dir: Path, overwrite: bool):
             if entry.name != LOCK_FILE:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
+
 def rng_state(device):
     np_state = np.random.get_state()
     return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
